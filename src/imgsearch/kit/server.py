@@ -1,0 +1,158 @@
+"""Run a grpc.aio server with health, reflection, metrics, JSON logs and graceful SIGTERM drain."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from imgsearch.kit import metrics
+from imgsearch.kit.logs import setup_logging
+from imgsearch.kit.rpc import ServerInterceptor
+from imgsearch.kit.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def _nothing() -> None:
+    return None
+
+
+@dataclass
+class ServiceApp:
+    """What a service plugs into the kit: its servicers, and how it starts and stops."""
+
+    name: str
+    # Fully-qualified proto service names, for health and reflection.
+    service_names: list[str]
+    register: Callable[[aio.Server], None]
+    # Loads models/index; the health status turns SERVING only once it returns.
+    startup: Callable[[], Awaitable[None]] = _nothing
+    # Runs after in-flight calls drained: flush, snapshot, close.
+    shutdown: Callable[[], Awaitable[None]] = _nothing
+    # gRPC methods to pre-create metric series for: (service, method, kind).
+    methods: list[tuple[str, str, str]] = field(default_factory=list)
+    version: str = "0.1.0"
+    server_credentials: grpc.ServerCredentials | None = None
+    # Extra interceptors placed before the metrics one (e.g. authentication).
+    interceptors: list[aio.ServerInterceptor] = field(default_factory=list)
+
+
+def methods_of(service_descriptor: object) -> list[tuple[str, str, str]]:
+    """(service, method, kind) for every RPC of a protobuf ServiceDescriptor."""
+    out = []
+    for m in service_descriptor.methods:  # type: ignore[attr-defined]
+        kind = {
+            (False, False): "unary",
+            (True, False): "client_stream",
+            (False, True): "server_stream",
+            (True, True): "bidi_stream",
+        }[(m.client_streaming, m.server_streaming)]
+        out.append((service_descriptor.full_name, m.name, kind))  # type: ignore[attr-defined]
+    return out
+
+
+class Runner:
+    """One server's life: bind, start, load, serve, drain."""
+
+    def __init__(self, app: ServiceApp, settings: ServerSettings) -> None:
+        self.app = app
+        self.settings = settings
+        self.health = health.aio.HealthServicer()
+        self.stopping = asyncio.Event()
+        self.port = 0
+        self.metrics_port = 0
+        options = [
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        self.server = aio.server(
+            interceptors=[*app.interceptors, ServerInterceptor()],
+            options=options,
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        )
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        for name in ["", *self.app.service_names]:
+            await self.health.set(name, status)
+        metrics.SERVICE_READY.labels(self.app.name).set(1 if status == SERVING else 0)
+
+    async def start(self) -> None:
+        self.app.register(self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [*self.app.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+        await self._set_health(NOT_SERVING)
+        address = f"{self.settings.host}:{self.settings.port}"
+        if self.app.server_credentials is not None:
+            self.port = self.server.add_secure_port(address, self.app.server_credentials)
+        else:
+            self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise SystemExit(f"imgsearch-{self.app.name}: cannot bind {address}")
+        metrics.SERVICE_INFO.labels(self.app.name, self.app.version).set(1)
+        metrics.prime(self.app.name, self.app.methods)
+        self.metrics_port = metrics.start_metrics_server(self.settings.metrics_host, self.settings.metrics_port)
+        await self.server.start()
+        log.info(
+            "listening",
+            extra={"address": f"{self.settings.host}:{self.port}", "metrics_port": self.metrics_port},
+        )
+
+    async def load(self) -> None:
+        """Run the app's startup, then report SERVING."""
+        await self.app.startup()
+        await self._set_health(SERVING)
+        log.info("ready: health SERVING")
+
+    async def drain(self) -> None:
+        """Stop taking calls, let in-flight ones finish within the grace period, then shut down."""
+        log.info("draining", extra={"grace_seconds": self.settings.grace_seconds})
+        await self._set_health(NOT_SERVING)
+        await self.server.stop(self.settings.grace_seconds)
+        await self.app.shutdown()
+        log.info("stopped")
+
+
+async def serve(app: ServiceApp, settings: ServerSettings) -> None:
+    """Serve until SIGTERM or SIGINT, then drain gracefully."""
+    runner = Runner(app, settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, runner.stopping.set)
+    await runner.start()
+    load_task = asyncio.create_task(runner.load())
+    stop_task = asyncio.create_task(runner.stopping.wait())
+    done, _ = await asyncio.wait({load_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+    if load_task in done and load_task.exception() is not None:
+        log.error("startup failed", exc_info=load_task.exception())
+        await runner.server.stop(0)
+        await app.shutdown()
+        raise SystemExit(1)
+    if not stop_task.done():
+        await stop_task
+    if not load_task.done():
+        load_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await load_task
+    await runner.drain()
+
+
+def run(app_factory: Callable[[], tuple[ServiceApp, ServerSettings]]) -> None:
+    """Entry point for `python -m imgsearch.<service>`."""
+    app, settings = app_factory()
+    setup_logging(app.name, settings.log_level)
+    asyncio.run(serve(app, settings))

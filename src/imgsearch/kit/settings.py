@@ -1,0 +1,49 @@
+"""Typed settings base: every server reads IMGSEARCH_<SERVICE>_* environment variables into one object."""
+
+from __future__ import annotations
+
+import sys
+from typing import TypeVar
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+S = TypeVar("S", bound="ServerSettings")
+
+
+class ServerSettings(BaseSettings):
+    """Settings every server has; subclasses set env_prefix and add their own fields."""
+
+    model_config = SettingsConfigDict(env_prefix="IMGSEARCH_", extra="ignore", frozen=True)
+
+    host: str = Field("127.0.0.1", description="address the gRPC server binds")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one)")
+    metrics_host: str = Field("127.0.0.1", description="address of the Prometheus /metrics endpoint")
+    metrics_port: int = Field(9090, ge=0, le=65535, description="Prometheus port (0 picks a free one)")
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
+    max_message_mb: int = Field(64, ge=1, le=1024, description="largest gRPC message accepted or sent")
+    grace_seconds: float = Field(10.0, ge=0, description="SIGTERM: how long in-flight calls may finish")
+    max_concurrent_rpcs: int | None = Field(None, ge=1, description="beyond this, calls get RESOURCE_EXHAUSTED")
+    peer_timeout_seconds: float = Field(10.0, gt=0, description="deadline for calls to peers when the caller set none")
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.max_message_mb * 1024 * 1024
+
+
+def load_settings(cls: type[S], service: str) -> S:
+    """Read settings or exit with a message naming every bad or missing variable."""
+    try:
+        return cls()
+    except ValidationError as exc:
+        prefix = str(cls.model_config.get("env_prefix", "")).upper()
+        lines = []
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"])
+            var = f"{prefix}{field}".upper()
+            if err["type"] == "missing":
+                lines.append(f"  {var} is required but not set")
+            else:
+                lines.append(f"  {var}: {err['msg']} (got {err.get('input')!r})")
+        sys.stderr.write(f"imgsearch-{service}: invalid configuration:\n" + "\n".join(lines) + "\n")
+        raise SystemExit(2) from None
