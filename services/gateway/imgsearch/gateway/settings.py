@@ -1,0 +1,61 @@
+"""Gateway settings from IMGSEARCH_GATEWAY_* environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import SettingsConfigDict
+
+from imgsearch.kit.settings import ServerSettings
+
+
+def parse_shards(spec: str) -> list[tuple[str, str]]:
+    """'index-0=host:50061,index-1=host:50062' (or bare addresses, named shard-0, shard-1, ...)."""
+    shards: list[tuple[str, str]] = []
+    for i, part in enumerate(p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        name, sep, address = part.partition("=")
+        if not sep:
+            name, address = f"shard-{i}", part
+        name, address = name.strip(), address.strip()
+        if not name or ":" not in address:
+            raise ValueError(f"shard entry {part!r} must look like name=host:port")
+        shards.append((name, address))
+    if not shards:
+        raise ValueError("at least one index shard is required")
+    names = [n for n, _ in shards]
+    if len(set(names)) != len(names):
+        raise ValueError(f"shard names must be unique, got {names}")
+    return shards
+
+
+class GatewaySettings(ServerSettings):
+    """Everything the gateway reads from its environment."""
+
+    model_config = SettingsConfigDict(env_prefix="IMGSEARCH_GATEWAY_", extra="ignore", frozen=True)
+
+    port: int = Field(50050, ge=0, le=65535)
+    metrics_port: int = Field(9100, ge=0, le=65535)
+    encoder_address: str = Field(..., min_length=1, description="host:port of the encoder")
+    tagger_address: str = Field(..., min_length=1, description="host:port of the tagger")
+    index_shards: str = Field(..., min_length=1, description="name=host:port of every index shard, comma-separated")
+    max_k: int = Field(1000, ge=1, le=100_000)
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    max_query_chars: int = Field(1000, ge=1)
+    max_ids_per_request: int = Field(1000, ge=1)
+    max_id_chars: int = Field(256, ge=1)
+    add_batch_size: int = Field(16, ge=1, le=256, description="streamed images encoded per encoder call")
+    auth_tokens_file: Path | None = Field(None, description="bearer tokens (one per line) required on writes")
+    auth_reads: bool = Field(False, description="also require a token on searches and reads")
+
+    @field_validator("index_shards")
+    @classmethod
+    def _valid_shards(cls, value: str) -> str:
+        parse_shards(value)
+        return value
+
+    @property
+    def shards(self) -> list[tuple[str, str]]:
+        return parse_shards(self.index_shards)

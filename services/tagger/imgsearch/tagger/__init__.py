@@ -1,0 +1,1 @@
+"""Tagger service: projection heads and the live, durable tag vocabulary."""

@@ -1,0 +1,67 @@
+"""Tagger proto <-> domain conversions, in one place."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from imgsearch.common.v1 import common_pb2
+from imgsearch.kit.convert import Matrix, from_vector, item_error, to_vector
+from imgsearch.kit.errors import InvalidArgument
+from imgsearch.tagger.core import RankedTag, TagChange, TagInfo
+from imgsearch.tagger.heads import Head
+from imgsearch.tagger.v1 import tagger_pb2
+
+
+def signals(images: Sequence[tagger_pb2.ImageSignal]) -> tuple[Matrix, Matrix | None]:
+    """Features (n, d) and logits (n, c), or None when no image carries logits."""
+    if not images:
+        raise InvalidArgument("no images given")
+    dims = {len(im.features.values) for im in images}
+    if len(dims) > 1:
+        raise InvalidArgument(f"images have features of different sizes: {sorted(dims)}")
+    features = np.stack([from_vector(im.features, None, f"image {i} features") for i, im in enumerate(images)])
+    has_logits = [len(im.logits.values) > 0 for im in images]
+    if not any(has_logits):
+        return features, None
+    if not all(has_logits):
+        raise InvalidArgument(f"image {has_logits.index(False)} has no logits while others do")
+    if len({len(im.logits.values) for im in images}) > 1:
+        raise InvalidArgument("images have logits of different sizes")
+    logits = np.stack([from_vector(im.logits, None, f"image {i} logits") for i, im in enumerate(images)])
+    return features, logits
+
+
+def vectors(matrix: Matrix) -> list[common_pb2.FloatVector]:
+    return [to_vector(row) for row in matrix]
+
+
+def tag_scores(ranked: Sequence[RankedTag]) -> list[common_pb2.TagScore]:
+    return [common_pb2.TagScore(tag=r.tag, score=r.score, seen=r.seen) for r in ranked]
+
+
+def tag_results(changes: Sequence[TagChange]) -> list[common_pb2.TagResult]:
+    out = []
+    for c in changes:
+        res = common_pb2.TagResult(tag=c.tag, changed=c.changed)
+        if c.error is not None:
+            res.error.CopyFrom(item_error(c.error))
+        out.append(res)
+    return out
+
+
+def tags(infos: Sequence[TagInfo]) -> list[common_pb2.Tag]:
+    return [common_pb2.Tag(name=t.name, seen=t.seen, added_unix_ms=t.added_ms) for t in infos]
+
+
+def head(h: Head, active: str) -> tagger_pb2.Head:
+    hid = f"{h.name}@{h.version}"
+    return tagger_pb2.Head(
+        name=h.name,
+        version=h.version,
+        kind=h.kind,
+        active=hid == active,
+        metrics=h.metrics,
+        image_model=h.image_model,
+    )

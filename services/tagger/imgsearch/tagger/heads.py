@@ -1,0 +1,277 @@
+"""Projection heads: map an image into the text-embedding space (its principal direction)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from imgsearch.kit.errors import FailedPrecondition, InvalidArgument
+
+log = logging.getLogger(__name__)
+
+Matrix = npt.NDArray[np.float32]
+HEAD_FORMAT = "imgsearch-head/1"
+
+
+def l2_normalise(x: Matrix) -> Matrix:
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return (x / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+
+
+def softmax(logits: Matrix) -> Matrix:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32, copy=False)
+
+
+class Head(Protocol):
+    """What the tagger needs from a head; every output row is L2-normalised."""
+
+    name: str
+    version: str
+    kind: str
+    image_model: str
+    metrics: dict[str, float]
+
+    @property
+    def needs_logits(self) -> bool: ...
+
+    def project_images(self, features: Matrix, logits: Matrix | None) -> Matrix: ...
+
+    def project_texts(self, embeddings: Matrix) -> Matrix: ...
+
+    def tag_bias(self, projected_tags: Matrix) -> Matrix: ...
+
+
+@dataclass
+class ConSEHead:
+    """Convex combination of the top-T ImageNet class-name embeddings, weighted by class probability.
+
+    Norouzi et al., "Zero-Shot Learning by Convex Combination of Semantic Embeddings" (ICLR 2014). Needs
+    no training. Because the principal direction is built from the class-name embeddings themselves, a
+    tag that *is* a class name scores close to 1 against its own class and crowds out synonyms and
+    unseen tags; `anchor_penalty` subtracts that share of each tag's best match to any class anchor
+    (a per-tag constant, a hubness correction in the spirit of CSLS), which ranks "cat", "kitten" and an
+    unseen "feline" above the fine-grained breed names for a cat photo (measured: docs/tagging.md).
+    """
+
+    class_embeddings: Matrix
+    top_t: int = 10
+    anchor_penalty: float = 0.5
+    image_model: str = ""
+    name: str = "conse"
+    version: str = "1"
+    kind: str = "conse"
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def needs_logits(self) -> bool:
+        return True
+
+    def project_images(self, features: Matrix, logits: Matrix | None) -> Matrix:
+        if logits is None:
+            raise InvalidArgument("the ConSE head needs ImageNet logits for every image")
+        probs = softmax(logits.astype(np.float32, copy=False))
+        t = min(self.top_t, probs.shape[1])
+        top = np.argpartition(-probs, t - 1, axis=1)[:, :t]
+        weights = np.take_along_axis(probs, top, axis=1)
+        weights = weights / np.maximum(weights.sum(axis=1, keepdims=True), 1e-12)
+        combo = np.einsum("nt,ntd->nd", weights, self.class_embeddings[top])
+        return l2_normalise(combo.astype(np.float32, copy=False))
+
+    def project_texts(self, embeddings: Matrix) -> Matrix:
+        return l2_normalise(embeddings)
+
+    def tag_bias(self, projected_tags: Matrix) -> Matrix:
+        if self.anchor_penalty == 0.0 or projected_tags.shape[0] == 0:
+            return np.zeros(projected_tags.shape[0], dtype=np.float32)
+        best = (projected_tags @ self.class_embeddings.T).max(axis=1)
+        return (-self.anchor_penalty * best).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """y = act(x @ weight + bias)."""
+
+    weight: Matrix
+    bias: Matrix
+    activation: str
+
+    def __call__(self, x: Matrix) -> Matrix:
+        y = x @ self.weight + self.bias
+        if self.activation == "relu":
+            return np.maximum(y, 0.0).astype(np.float32, copy=False)
+        return y.astype(np.float32, copy=False)
+
+
+def _run(layers: list[Layer], x: Matrix) -> Matrix:
+    for layer in layers:
+        x = layer(x)
+    return x
+
+
+@dataclass
+class LearnedHead:
+    """A trained head stored as an .npz file: image MLP/linear layers and an optional text adapter."""
+
+    name: str
+    version: str
+    kind: str
+    image_model: str
+    image_layers: list[Layer]
+    text_layers: list[Layer]
+    # "l2" normalises the 1280-d features before the first layer; "standard" uses mean/std arrays.
+    feature_norm: str
+    feature_mean: Matrix | None
+    feature_std: Matrix | None
+    # Adds the adapter output to its input (a residual adapter stays close to MiniLM's space).
+    text_residual: bool
+    # Blend weight of the ConSE direction in the final image direction (0 = learned head alone).
+    conse_weight: float
+    conse: ConSEHead | None
+    manifest: dict[str, Any]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def needs_logits(self) -> bool:
+        return self.conse is not None and self.conse_weight > 0
+
+    def _features(self, features: Matrix) -> Matrix:
+        x = features.astype(np.float32, copy=False)
+        if self.feature_norm == "l2":
+            return l2_normalise(x)
+        if self.feature_norm == "standard" and self.feature_mean is not None and self.feature_std is not None:
+            return ((x - self.feature_mean) / self.feature_std).astype(np.float32, copy=False)
+        return x
+
+    def project_images(self, features: Matrix, logits: Matrix | None) -> Matrix:
+        learned = l2_normalise(_run(self.image_layers, self._features(features)))
+        if self.conse is None or self.conse_weight <= 0:
+            return learned
+        conse = self.conse.project_images(features, logits)
+        if self.text_layers:
+            conse = self.project_texts(conse)
+        return l2_normalise(self.conse_weight * conse + (1.0 - self.conse_weight) * learned)
+
+    def project_texts(self, embeddings: Matrix) -> Matrix:
+        if not self.text_layers:
+            return l2_normalise(embeddings)
+        out = _run(self.text_layers, embeddings.astype(np.float32, copy=False))
+        if self.text_residual:
+            out = out + embeddings
+        return l2_normalise(out)
+
+    def tag_bias(self, projected_tags: Matrix) -> Matrix:
+        return np.zeros(projected_tags.shape[0], dtype=np.float32)
+
+
+def _layers(arrays: dict[str, Matrix], specs: list[dict[str, str]], what: str) -> list[Layer]:
+    layers = []
+    for i, spec in enumerate(specs):
+        try:
+            w, b = arrays[spec["weight"]], arrays[spec["bias"]]
+        except KeyError as exc:
+            raise InvalidArgument(f"head file: {what} layer {i} refers to missing array {exc}") from None
+        if w.ndim != 2 or b.shape != (w.shape[1],):
+            raise InvalidArgument(f"head file: {what} layer {i} has shapes {w.shape} and {b.shape}")
+        if spec.get("activation", "none") not in ("none", "relu"):
+            raise InvalidArgument(f"head file: unknown activation {spec.get('activation')!r}")
+        layers.append(Layer(w.astype(np.float32), b.astype(np.float32), spec.get("activation", "none")))
+    for prev, nxt in itertools.pairwise(layers):
+        if prev.weight.shape[1] != nxt.weight.shape[0]:
+            raise InvalidArgument(
+                f"head file: {what} layers do not chain ({prev.weight.shape} then {nxt.weight.shape})"
+            )
+    return layers
+
+
+def read_head_manifest(path: Path) -> dict[str, Any]:
+    """The JSON manifest stored in a head file under the key `manifest`."""
+    with np.load(path, allow_pickle=False) as data:
+        if "manifest" not in data:
+            raise InvalidArgument(f"{path.name} is not an imgsearch head file (no manifest)")
+        manifest: dict[str, Any] = json.loads(bytes(data["manifest"]).decode("utf-8"))
+    return manifest
+
+
+def load_head(
+    path: Path,
+    *,
+    image_model: str,
+    feature_dim: int,
+    text_dim: int,
+    conse: ConSEHead | None,
+) -> LearnedHead:
+    """Load and validate a head file; refuses heads trained on another image model or other dimensions."""
+    if not path.exists():
+        raise InvalidArgument(f"head file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: np.asarray(data[k]) for k in data.files}
+    except (OSError, ValueError) as exc:
+        raise InvalidArgument(f"cannot read head file {path.name}: {exc}") from None
+    if "manifest" not in arrays:
+        raise InvalidArgument(f"{path.name} is not an imgsearch head file (no manifest)")
+    manifest: dict[str, Any] = json.loads(bytes(arrays.pop("manifest")).decode("utf-8"))
+    if manifest.get("format") != HEAD_FORMAT:
+        raise InvalidArgument(f"{path.name}: unsupported head format {manifest.get('format')!r}")
+    trained_on = str(manifest.get("image_model", ""))
+    # The name part identifies architecture + weights; the hash part changes with re-exports.
+    if trained_on.split("@")[0] != image_model.split("@")[0]:
+        raise FailedPrecondition(
+            f"head {manifest.get('name')} was trained on {trained_on!r} but the encoder serves {image_model!r}"
+        )
+    if trained_on != image_model:
+        log.warning("head exported from another export of the same model", extra={"head": trained_on})
+    if int(manifest.get("feature_dim", -1)) != feature_dim or int(manifest.get("text_dim", -1)) != text_dim:
+        raise FailedPrecondition(
+            f"head {manifest.get('name')} expects {manifest.get('feature_dim')}->{manifest.get('text_dim')} "
+            f"dimensions, the encoder gives {feature_dim}->{text_dim}"
+        )
+    image_layers = _layers(arrays, manifest.get("image_layers", []), "image")
+    text_layers = _layers(arrays, manifest.get("text_layers", []), "text")
+    if not image_layers:
+        raise InvalidArgument(f"{path.name}: a head needs at least one image layer")
+    if image_layers[0].weight.shape[0] != feature_dim or image_layers[-1].weight.shape[1] != text_dim:
+        raise InvalidArgument(f"{path.name}: image layers do not map {feature_dim} to {text_dim}")
+    conse_weight = float(manifest.get("conse_weight", 0.0))
+    if not 0.0 <= conse_weight <= 1.0:
+        raise InvalidArgument(f"{path.name}: conse_weight must be in [0, 1], got {conse_weight}")
+    if conse_weight > 0 and conse is None:
+        raise FailedPrecondition(f"{path.name} blends with ConSE but no ConSE head is available")
+    metrics = {str(k): float(v) for k, v in manifest.get("metrics", {}).items() if isinstance(v, int | float)}
+    return LearnedHead(
+        name=str(manifest["name"]),
+        version=str(manifest.get("version", "1")),
+        kind=str(manifest.get("kind", "linear")),
+        image_model=trained_on,
+        image_layers=image_layers,
+        text_layers=text_layers,
+        feature_norm=str(manifest.get("feature_norm", "none")),
+        feature_mean=arrays.get("feature_mean"),
+        feature_std=arrays.get("feature_std"),
+        text_residual=bool(manifest.get("text_residual", False)),
+        conse_weight=conse_weight,
+        conse=conse if conse_weight > 0 else None,
+        manifest=manifest,
+        metrics=metrics,
+    )
+
+
+def save_head(path: Path, manifest: dict[str, Any], arrays: dict[str, Matrix]) -> None:
+    """Write a head file (used by training); the manifest is stored as UTF-8 JSON bytes."""
+    manifest = {"format": HEAD_FORMAT, **manifest}
+    blob = np.frombuffer(json.dumps(manifest, sort_keys=True).encode("utf-8"), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    payload: dict[str, npt.NDArray[np.generic]] = {k: np.asarray(v) for k, v in arrays.items()}
+    payload["manifest"] = blob
+    np.savez(tmp, **payload)  # type: ignore[arg-type]
+    tmp.replace(path)

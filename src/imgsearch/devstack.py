@@ -1,0 +1,346 @@
+"""Run the whole stack on loopback for development: encoder, tagger, index shards and gateway."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from imgsearch.models.manifest import MANIFEST_NAME, default_model_dir
+
+# scikit-image's bundled photos, shipped with the package: a gallery that needs no download.
+GALLERY = {
+    "cat": "chelsea.png",
+    "coffee": "coffee.png",
+    "astronaut": "astronaut.png",
+    "rocket": "rocket.jpg",
+    "motorcycle": "motorcycle_left.png",
+    "cameraman": "camera.png",
+    "hubble": "hubble_deep_field.jpg",
+    "moon": "moon.png",
+    "coins": "coins.png",
+    "bricks": "brick.png",
+    "grass": "grass.png",
+    "gravel": "gravel.png",
+    "page": "page.png",
+    "retina": "retina.jpg",
+    "clock": "clock_motion.png",
+}
+
+
+@dataclass
+class ServiceSpec:
+    """One process of the stack."""
+
+    name: str
+    module: str
+    port: int
+    metrics_port: int
+    env: dict[str, str]
+    pid: int = 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+def plan(state_dir: Path, port_base: int, metrics_base: int, shards: int, model_dir: Path) -> list[ServiceSpec]:
+    """The processes, ports and settings of a local stack."""
+    data = state_dir / "data"
+    encoder = f"127.0.0.1:{port_base + 1}"
+    tagger = f"127.0.0.1:{port_base + 2}"
+    specs = [
+        ServiceSpec(
+            "encoder", "encoder", port_base + 1, metrics_base + 1, {"IMGSEARCH_ENCODER_MODEL_DIR": str(model_dir)}
+        ),
+        ServiceSpec(
+            "tagger",
+            "tagger",
+            port_base + 2,
+            metrics_base + 2,
+            {
+                "IMGSEARCH_TAGGER_ENCODER_ADDRESS": encoder,
+                "IMGSEARCH_TAGGER_DATA_DIR": str(data / "tagger"),
+                "IMGSEARCH_TAGGER_HEADS_DIR": str(
+                    Path(os.environ.get("IMGSEARCH_TAGGER_HEADS_DIR", "heads")).resolve()
+                ),
+            },
+        ),
+    ]
+    shard_specs = []
+    for i in range(shards):
+        name = f"index-{i}"
+        shard_specs.append(
+            ServiceSpec(
+                name,
+                "index",
+                port_base + 11 + i,
+                metrics_base + 11 + i,
+                {"IMGSEARCH_INDEX_SHARD": name, "IMGSEARCH_INDEX_DATA_DIR": str(data / name)},
+            )
+        )
+    specs.extend(shard_specs)
+    specs.append(
+        ServiceSpec(
+            "gateway",
+            "gateway",
+            port_base,
+            metrics_base,
+            {
+                "IMGSEARCH_GATEWAY_ENCODER_ADDRESS": encoder,
+                "IMGSEARCH_GATEWAY_TAGGER_ADDRESS": tagger,
+                "IMGSEARCH_GATEWAY_INDEX_SHARDS": ",".join(f"{s.name}={s.address}" for s in shard_specs),
+            },
+        )
+    )
+    for s in specs:
+        prefix = f"IMGSEARCH_{s.module.upper()}_"
+        s.env.update(
+            {
+                prefix + "HOST": "127.0.0.1",
+                prefix + "PORT": str(s.port),
+                prefix + "METRICS_HOST": "127.0.0.1",
+                prefix + "METRICS_PORT": str(s.metrics_port),
+            }
+        )
+    return specs
+
+
+def health(address: str, timeout: float = 1.0) -> str:
+    with grpc.insecure_channel(address) as ch:
+        try:
+            r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.RpcError:
+            return "DOWN"
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(r.status))
+
+
+def alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child still "exists"; treat it as gone.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.split()[2] != "Z"
+    except OSError:
+        return True
+
+
+class Stack:
+    """Start, watch and stop the processes of a local stack; state lives in state_dir/stack.json."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir.resolve()
+        self.state_file = self.state_dir / "stack.json"
+        self.logs = self.state_dir / "logs"
+
+    def load(self) -> list[ServiceSpec]:
+        if not self.state_file.exists():
+            return []
+        raw = json.loads(self.state_file.read_text())
+        return [ServiceSpec(**s) for s in raw["specs"]]
+
+    def save(self, specs: list[ServiceSpec]) -> None:
+        gateway = next(s for s in specs if s.name == "gateway")
+        doc = {
+            "gateway": gateway.address,
+            "services": {
+                s.name: {"address": s.address, "metrics": f"127.0.0.1:{s.metrics_port}", "pid": s.pid} for s in specs
+            },
+            "specs": [asdict(s) for s in specs],
+        }
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=2))
+        tmp.replace(self.state_file)
+
+    def spawn(self, spec: ServiceSpec) -> None:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        with open(self.logs / f"{spec.name}.log", "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", f"imgsearch.{spec.module}"],
+                env={**os.environ, **spec.env, "PYTHONUNBUFFERED": "1"},
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                # Own session: Ctrl-C in the terminal reaches `make run`, which stops services in order.
+                start_new_session=True,
+            )
+        spec.pid = proc.pid
+
+    def wait_serving(self, specs: list[ServiceSpec], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        pending = list(specs)
+        while pending:
+            for spec in list(pending):
+                if not alive(spec.pid):
+                    tail = (self.logs / f"{spec.name}.log").read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"{spec.name} exited during start-up; its log ends with:\n{tail}")
+                if health(spec.address) == "SERVING":
+                    pending.remove(spec)
+            if pending and time.monotonic() > deadline:
+                names = ", ".join(s.name for s in pending)
+                raise RuntimeError(f"not SERVING after {timeout:.0f}s: {names} (logs in {self.logs})")
+            time.sleep(0.2)
+
+    def up(self, port_base: int, metrics_base: int, shards: int, timeout: float) -> list[ServiceSpec]:
+        model_dir = default_model_dir()
+        if not (model_dir / MANIFEST_NAME).exists():
+            raise RuntimeError(f"no exported models in {model_dir}: run `make models` first")
+        running = [s for s in self.load() if alive(s.pid)]
+        if running:
+            raise RuntimeError(f"a stack is already running from {self.state_dir} ({len(running)} processes)")
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        specs = plan(self.state_dir, port_base, metrics_base, shards, model_dir)
+        try:
+            for spec in specs:
+                self.spawn(spec)
+            self.save(specs)
+            self.wait_serving(specs, timeout)
+        except BaseException:
+            self.down(specs)
+            raise
+        return specs
+
+    def restart(self, name: str, timeout: float) -> ServiceSpec:
+        specs = self.load()
+        spec = next((s for s in specs if s.name == name), None)
+        if spec is None:
+            raise RuntimeError(f"no service {name!r} in {self.state_file}")
+        if alive(spec.pid):
+            stop_pids([spec.pid], 20.0)
+        self.spawn(spec)
+        self.save(specs)
+        self.wait_serving([spec], timeout)
+        return spec
+
+    def down(self, specs: list[ServiceSpec] | None = None, grace: float = 20.0) -> None:
+        specs = self.load() if specs is None else specs
+        # Gateway first so no new work arrives, then the services it calls.
+        order = sorted(specs, key=lambda s: {"gateway": 0, "tagger": 1, "encoder": 3}.get(s.name, 2))
+        stop_pids([s.pid for s in order], grace)
+
+    def index_gallery(self, gateway: str) -> int:
+        """Add the sample gallery once (first start); copies the photos into state_dir/gallery."""
+        import skimage
+
+        from imgsearch.client import GatewayClient, ImageToAdd
+
+        marker = self.state_dir / "gallery-indexed"
+        gallery = self.state_dir / "gallery"
+        gallery.mkdir(parents=True, exist_ok=True)
+        src = Path(skimage.__file__).parent / "data"
+        for image_id, fname in GALLERY.items():
+            dst = gallery / f"{image_id}{Path(fname).suffix}"
+            if not dst.exists():
+                shutil.copyfile(src / fname, dst)
+        if marker.exists():
+            return 0
+        images = [
+            ImageToAdd.from_path(p, p.stem, {"collection": "scikit-image samples"}) for p in sorted(gallery.iterdir())
+        ]
+        with GatewayClient(gateway, timeout=300) as client:
+            outcomes = client.add_images(images)
+        failed = [o for o in outcomes if not o.ok]
+        if failed:
+            raise RuntimeError(f"gallery indexing failed for {[(o.id, o.error) for o in failed]}")
+        marker.write_text(str(len(outcomes)))
+        return len(outcomes)
+
+
+def stop_pids(pids: list[int], grace: float) -> None:
+    """SIGTERM each (graceful drain), then SIGKILL whatever is still alive after the grace period."""
+    for pid in pids:
+        if alive(pid):
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            while alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def usage_text(gateway: str, state_dir: Path) -> str:
+    g = state_dir / "gallery"
+    return f"""
+imgsearch is up: gateway at {gateway} (logs in {state_dir / "logs"}).
+Try, in another terminal (after `. .venv/bin/activate`):
+  imgsearch tag {g}/cat.png
+  imgsearch tags add feline && imgsearch tag {g}/cat.png
+  imgsearch search-text "a cup of coffee"
+  imgsearch search-image {g}/rocket.jpg
+  imgsearch similar astronaut
+  imgsearch add path/to/photos/
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m imgsearch.devstack", description=__doc__)
+    p.add_argument("command", choices=["up", "down", "run", "status", "restart"])
+    p.add_argument("service", nargs="?", help="for restart: the service name (e.g. index-1)")
+    p.add_argument("--state-dir", type=Path, default=Path("var/stack"))
+    p.add_argument("--port-base", type=int, default=50050)
+    p.add_argument("--metrics-base", type=int, default=9100)
+    p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--no-gallery", action="store_true", help="do not index the sample gallery")
+    args = p.parse_args(argv)
+    stack = Stack(args.state_dir)
+    try:
+        if args.command == "down":
+            stack.down()
+            print("imgsearch stack stopped")
+            return 0
+        if args.command == "status":
+            specs = stack.load()
+            for s in specs:
+                print(f"{s.name:10} {s.address:18} pid {s.pid:<8} {health(s.address) if alive(s.pid) else 'DOWN'}")
+            return 0 if specs and all(alive(s.pid) for s in specs) else 1
+        if args.command == "restart":
+            if not args.service:
+                p.error("restart needs a service name")
+            spec = stack.restart(args.service, args.timeout)
+            print(f"{spec.name} restarted (pid {spec.pid})")
+            return 0
+        specs = stack.up(args.port_base, args.metrics_base, args.shards, args.timeout)
+        gateway = next(s for s in specs if s.name == "gateway").address
+        if not args.no_gallery:
+            added = stack.index_gallery(gateway)
+            if added:
+                print(f"indexed {added} sample photos")
+        print(usage_text(gateway, stack.state_dir))
+        if args.command == "up":
+            return 0
+        print("Press Ctrl-C to stop.")
+        try:
+            while all(alive(s.pid) for s in specs):
+                time.sleep(0.5)
+            print("a service exited; stopping the stack", file=sys.stderr)
+            return_code = 1
+        except KeyboardInterrupt:
+            return_code = 0
+        stack.down(specs)
+        print("imgsearch stack stopped")
+        return return_code
+    except RuntimeError as exc:
+        print(f"devstack: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

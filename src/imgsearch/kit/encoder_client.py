@@ -1,0 +1,112 @@
+"""Async client for the encoder service, shared by the tagger and the gateway."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+from grpc import aio
+from imgsearch.encoder.v1 import encoder_pb2, encoder_pb2_grpc
+
+from imgsearch.kit.convert import Matrix, error_code, from_vector
+from imgsearch.kit.errors import ImgsearchError
+from imgsearch.kit.peers import PeerError, peer_error
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the encoder serves."""
+
+    image_model: str
+    image_model_version: str
+    feature_dim: int
+    class_labels: list[str]
+    text_model: str
+    text_model_version: str
+    text_dim: int
+    providers: list[str]
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """Features (+ logits) of one image, or the reason it failed."""
+
+    features: Matrix | None = None
+    logits: Matrix | None = None
+    error: ImgsearchError | None = None
+
+
+class EncoderClient:
+    """Typed wrapper over EncoderService with deadline propagation and peer-error mapping."""
+
+    def __init__(self, channel: aio.Channel, address: str) -> None:
+        self.stub = encoder_pb2_grpc.EncoderServiceStub(channel)
+        self.address = address
+
+    async def model_info(self, timeout: float) -> ModelInfo:
+        try:
+            r = await self.stub.GetModelInfo(encoder_pb2.GetModelInfoRequest(), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise peer_error(exc, f"encoder at {self.address}") from None
+        return ModelInfo(
+            image_model=r.image_model,
+            image_model_version=r.image_model_version,
+            feature_dim=r.feature_dim,
+            class_labels=list(r.class_labels),
+            text_model=r.text_model,
+            text_model_version=r.text_model_version,
+            text_dim=r.text_dim,
+            providers=list(r.providers),
+        )
+
+    async def encode_texts(self, texts: Sequence[str], timeout: float) -> list[Matrix | ImgsearchError]:
+        """One embedding (384-d, normalised) or one error per text, in order."""
+        try:
+            r = await self.stub.EncodeTexts(encoder_pb2.EncodeTextsRequest(texts=list(texts)), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise peer_error(exc, f"encoder at {self.address}") from None
+        out: list[Matrix | ImgsearchError] = []
+        for item in r.results:
+            if item.HasField("error"):
+                out.append(PeerError(error_code(item.error), item.error.message))
+            else:
+                out.append(from_vector(item.embedding))
+        return out
+
+    async def embed_texts_strict(self, texts: Sequence[str], timeout: float, batch: int = 128) -> Matrix:
+        """Embeddings of texts that must all succeed (class names, starter tags)."""
+        rows: list[Matrix] = []
+        for start in range(0, len(texts), batch):
+            for text, res in zip(
+                texts[start : start + batch],
+                await self.encode_texts(texts[start : start + batch], timeout),
+                strict=True,
+            ):
+                if isinstance(res, ImgsearchError):
+                    raise ImgsearchError(f"cannot embed {text!r}: {res.message}")
+                rows.append(res)
+        return np.stack(rows).astype(np.float32) if rows else np.zeros((0, 0), dtype=np.float32)
+
+    async def encode_images(
+        self, images: Sequence[tuple[bytes, str]], include_logits: bool, timeout: float
+    ) -> list[EncodedImage]:
+        """(bytes, name) pairs to one result per image, in order."""
+        req = encoder_pb2.EncodeImagesRequest(
+            images=[encoder_pb2.ImageInput(data=data, name=name) for data, name in images],
+            include_logits=include_logits,
+        )
+        try:
+            r = await self.stub.EncodeImages(req, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise peer_error(exc, f"encoder at {self.address}") from None
+        out = []
+        for item in r.results:
+            if item.HasField("error"):
+                out.append(EncodedImage(error=PeerError(error_code(item.error), item.error.message)))
+            else:
+                enc = item.encoding
+                logits = from_vector(enc.logits) if enc.HasField("logits") else None
+                out.append(EncodedImage(features=from_vector(enc.features), logits=logits))
+        return out
