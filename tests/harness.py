@@ -34,6 +34,25 @@ def health_status(address: str, timeout: float = 1.0) -> int | None:
         return int(resp.status)
 
 
+def free_port_range(n: int) -> int:
+    """A base port such that base .. base+n-1 are all free on loopback right now."""
+    import random
+
+    for _ in range(200):
+        base = random.randint(20000, 60000 - n)
+        ok = True
+        for port in range(base, base + n):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError(f"no {n} consecutive free ports found")
+
+
 @dataclass
 class ServiceProcess:
     """One server (python -m imgsearch.<service>) running as a child process."""

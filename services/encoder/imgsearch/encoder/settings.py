@@ -1,0 +1,82 @@
+"""Encoder settings, read from IMGSEARCH_ENCODER_* environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, ValidationInfo, field_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
+
+from imgsearch.kit.settings import ServerSettings
+from imgsearch.models.manifest import MANIFEST_NAME, default_model_dir
+
+DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+# Pillow refuses to open anything above twice its MAX_IMAGE_PIXELS (89,478,485) before we can
+# look at it, so a larger configured limit would be a promise the decoder cannot keep.
+PILLOW_HARD_PIXEL_LIMIT = 2 * 89_478_485
+
+
+class EncoderSettings(ServerSettings):
+    """Everything the encoder server can be configured with."""
+
+    model_config = SettingsConfigDict(env_prefix="IMGSEARCH_ENCODER_", extra="ignore", frozen=True)
+
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one)")
+    metrics_port: int = Field(9101, ge=0, le=65535, description="Prometheus port (0 picks a free one)")
+    model_dir: Path = Field(
+        default_factory=default_model_dir,
+        validate_default=True,
+        description="directory with manifest.json and the exported models (default $IMGSEARCH_MODEL_DIR or ./models)",
+    )
+    providers: Annotated[tuple[str, ...], NoDecode] = Field(
+        DEFAULT_PROVIDERS,
+        description="comma-separated ONNX Runtime execution providers, best first; unavailable ones are skipped",
+    )
+    intra_op_threads: int = Field(0, ge=0, le=1024, description="ONNX Runtime intra-op threads (0 = ORT default)")
+    max_batch: int = Field(32, ge=1, le=1024, description="most items one model call takes")
+    max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="how long a batch waits to fill up")
+    max_items_per_request: int = Field(256, ge=1, description="more images or texts in one call: RESOURCE_EXHAUSTED")
+    max_queue_items: int = Field(
+        1024, ge=1, description="items waiting for the model, per kind; beyond this calls get RESOURCE_EXHAUSTED"
+    )
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1, description="largest encoded image accepted")
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, le=PILLOW_HARD_PIXEL_LIMIT, description="decompression-bomb limit (width x height)"
+    )
+    max_text_chars: int = Field(2000, ge=1, description="longest text accepted, in characters")
+    decode_threads: int = Field(0, ge=0, le=256, description="image decoding threads (0 = min(4, CPU count))")
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _split_providers(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [p.strip() for p in value.split(",")]
+        if isinstance(value, list | tuple):
+            names = tuple(str(p).strip() for p in value if str(p).strip())
+            if not names:
+                raise ValueError("name at least one execution provider, e.g. CPUExecutionProvider")
+            return names
+        return value
+
+    @field_validator("model_dir")
+    @classmethod
+    def _has_manifest(cls, value: Path) -> Path:
+        if not (value / MANIFEST_NAME).is_file():
+            raise ValueError(
+                f"{value} has no {MANIFEST_NAME}; export the models with "
+                f"`python -m imgsearch.models.export --model-dir {value}` or point IMGSEARCH_MODEL_DIR at them"
+            )
+        return value
+
+    @field_validator("max_queue_items")
+    @classmethod
+    def _queue_fits_a_request(cls, value: int, info: ValidationInfo) -> int:
+        # max_items_per_request is declared first, so it is in info.data unless it failed itself.
+        per_request = info.data.get("max_items_per_request")
+        if isinstance(per_request, int) and value < per_request:
+            raise ValueError(
+                f"must be at least IMGSEARCH_ENCODER_MAX_ITEMS_PER_REQUEST ({per_request}), "
+                "or a full request could never be queued"
+            )
+        return value

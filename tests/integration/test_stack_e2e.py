@@ -1,0 +1,193 @@
+"""The whole stack on loopback with the real models: the issue's acceptance scenarios, end to end."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgsearch.client import GatewayClient, ImageToAdd
+from imgsearch.devstack import GALLERY, Stack, alive, health
+from tests.harness import free_port_range
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[Stack]:
+    state = tmp_path_factory.mktemp("stack")
+    s = Stack(state)
+    base = free_port_range(20)
+    metrics_base = free_port_range(20)
+    specs = s.up(base, metrics_base, shards=2, timeout=300)
+    try:
+        gateway = next(x for x in specs if x.name == "gateway").address
+        assert s.index_gallery(gateway) == len(GALLERY)
+        yield s
+    finally:
+        s.down()
+
+
+@pytest.fixture(scope="module")
+def client(stack: Stack) -> Iterator[GatewayClient]:
+    with GatewayClient(json.loads(stack.state_file.read_text())["gateway"], timeout=60) as c:
+        yield c
+
+
+def gallery(stack: Stack, name: str) -> bytes:
+    return next((stack.state_dir / "gallery").glob(f"{name}.*")).read_bytes()
+
+
+def png(width: int, height: int, mode: str = "1") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, (width, height)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_tagging_the_cat_and_an_unseen_tag_live(stack: Stack, client: GatewayClient) -> None:
+    cat = gallery(stack, "cat")
+    top = [t.tag for t in client.tag(cat, k=3).tags]
+    assert "cat" in top, top
+    outcome = client.add_tags(["feline"])
+    assert outcome[0].ok
+    res = client.tag(cat, k=5)
+    tags = {t.tag: t for t in res.tags}
+    assert "feline" in tags, list(tags)
+    assert tags["feline"].seen is False and tags["cat"].seen is True
+    assert any(t.name == "feline" and not t.seen for t in client.list_tags("unseen"))
+
+
+def test_text_search_finds_the_coffee(client: GatewayClient) -> None:
+    res = client.search_text("a cup of coffee", k=5)
+    assert res.hits[0].id == "coffee", [h.id for h in res.hits]
+    assert not res.partial and res.space == "semantic" and res.head
+
+
+@pytest.mark.parametrize("name", sorted(GALLERY))
+def test_image_search_returns_the_stored_photo_first(stack: Stack, client: GatewayClient, name: str) -> None:
+    res = client.search_image(gallery(stack, name), k=3)
+    assert res.hits[0].id == name
+    assert res.hits[0].score == pytest.approx(1.0, abs=1e-3)
+
+
+def test_similar_by_id_excludes_itself_and_ranks_like_exact_search(client: GatewayClient) -> None:
+    res = client.similar("astronaut", k=len(GALLERY))
+    ids = [h.id for h in res.hits]
+    assert "astronaut" not in ids and len(ids) == len(GALLERY) - 1
+    scores = [h.score for h in res.hits]
+    assert scores == sorted(scores, reverse=True)
+    with_self = client.similar("astronaut", k=1, include_self=True)
+    assert with_self.hits[0].id == "astronaut"
+    semantic = client.similar("rocket", k=3, space="semantic")
+    assert semantic.space == "semantic" and semantic.hits
+
+
+def test_bad_inputs_get_precise_statuses_and_servers_keep_serving(stack: Stack, client: GatewayClient) -> None:
+    cases: list[tuple[Callable[[], object], grpc.StatusCode, str]] = [
+        (lambda: client.tag(b"\xff\xd8\xff\xe0" + b"garbage" * 20), grpc.StatusCode.INVALID_ARGUMENT, "image"),
+        (lambda: client.tag(b""), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+        (lambda: client.search_image(png(20000, 20000)), grpc.StatusCode.INVALID_ARGUMENT, "pixels"),
+        (lambda: client.search_text("   "), grpc.StatusCode.INVALID_ARGUMENT, "query is empty"),
+        (lambda: client.search_text("dogs", k=0), grpc.StatusCode.INVALID_ARGUMENT, "between 1 and"),
+        (lambda: client.search_text("dogs", k=100000), grpc.StatusCode.INVALID_ARGUMENT, "between 1 and"),
+        (lambda: client.similar("no-such-image"), grpc.StatusCode.NOT_FOUND, "not stored"),
+        (lambda: client.delete_images([]), grpc.StatusCode.INVALID_ARGUMENT, "no ids"),
+    ]
+    for call, code, words in cases:
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        assert info.value.code() == code, info.value.details()
+        assert words in (info.value.details() or ""), info.value.details()
+    for spec in stack.load():
+        assert health(spec.address) == "SERVING", spec.name
+
+
+def test_one_bad_image_in_a_batch_fails_alone(stack: Stack, client: GatewayClient) -> None:
+    good = gallery(stack, "coffee")
+    outcomes = client.add_images(
+        [
+            ImageToAdd(good, "batch-good-1"),
+            ImageToAdd(b"not an image at all", "batch-bad"),
+            ImageToAdd(b"", "batch-empty"),
+            ImageToAdd(png(20000, 20000), "batch-bomb"),
+            ImageToAdd(good, "x" * 300),
+            ImageToAdd(gallery(stack, "moon"), "batch-good-2"),
+        ]
+    )
+    assert [o.ok for o in outcomes] == [True, False, False, False, False, True]
+    assert all(o.code == "INVALID_ARGUMENT" for o in outcomes if not o.ok)
+    got = client.get_images(["batch-good-1", "batch-good-2", "batch-bad"])
+    assert sorted(i.id for i in got.images) == ["batch-good-1", "batch-good-2"]
+    assert list(got.missing_ids) == ["batch-bad"]
+    client.delete_images(["batch-good-1", "batch-good-2"])
+
+
+def test_a_killed_shard_gives_partial_results_and_loses_nothing(stack: Stack, client: GatewayClient) -> None:
+    rng = np.random.default_rng(7)
+    # Acknowledged writes right before the crash: new images, and a delete.
+    noise = [ImageToAdd(_noise_png(rng), f"noise-{i}", {"n": str(i)}, f"noise-{i}.png") for i in range(12)]
+    assert all(o.ok for o in client.add_images(noise))
+    deleted, _ = client.delete_images(["noise-0"])
+    assert deleted[0].ok
+    before = {i.id for i in client.get_images([*GALLERY, *(n.id for n in noise)]).images}
+    assert "noise-0" not in before and len(before) == len(GALLERY) + 11
+
+    victim = next(s for s in stack.load() if s.name == "index-1")
+    os.kill(victim.pid, signal.SIGKILL)
+    while alive(victim.pid):
+        pass
+    res = client.search_text("a cup of coffee", k=5)
+    assert res.partial and res.failed_shards == ["index-1"]
+    assert res.hits, "the surviving shard still answers"
+    image_res = client.search_image(gallery(stack, "rocket"), k=3)
+    assert image_res.partial
+
+    stack.restart("index-1", timeout=120)
+    after = {i.id for i in client.get_images([*GALLERY, *(n.id for n in noise)]).images}
+    assert after == before
+    assert not client.search_text("a cup of coffee", k=5).partial
+    stored = client.get_images(["noise-5"]).images[0]
+    assert dict(stored.metadata) == {"n": "5"} and stored.source_name == "noise-5.png"
+
+
+def _noise_png(rng: np.random.Generator) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_cli_json_output(stack: Stack) -> None:
+    gateway = json.loads(stack.state_file.read_text())["gateway"]
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "imgsearch.client.cli",
+            "--address",
+            gateway,
+            "--json",
+            "search-text",
+            "a cup of coffee",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    doc = json.loads(out.stdout)
+    assert doc["hits"][0]["id"] == "coffee"
+    bad = subprocess.run(
+        [sys.executable, "-m", "imgsearch.client.cli", "--address", gateway, "search-text", "x", "-k", "0"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr
