@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -153,7 +154,12 @@ def test_a_killed_shard_gives_partial_results_and_loses_nothing(stack: Stack, cl
     assert image_res.partial
 
     stack.restart("index-1", timeout=120)
-    after = {i.id for i in client.get_images([*GALLERY, *(n.id for n in noise)]).images}
+    # The gateway's channel reconnects with a short backoff; until then reads say they are partial.
+    deadline = time.monotonic() + 10
+    while (got := client.get_images([*GALLERY, *(n.id for n in noise)])).partial and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not got.partial
+    after = {i.id for i in got.images}
     assert after == before
     assert not client.search_text("a cup of coffee", k=5).partial
     stored = client.get_images(["noise-5"]).images[0]
@@ -191,3 +197,46 @@ def test_cli_json_output(stack: Stack) -> None:
         text=True,
     )
     assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr
+
+
+def test_vocabulary_survives_sigkill_of_the_tagger(stack: Stack, client: GatewayClient) -> None:
+    added = client.add_tags(["zebra crossing", "Lighthouse at dusk"])
+    assert all(o.ok and o.changed for o in added)
+    removed = client.remove_tags(["kite"])
+    assert removed[0].ok
+    tagger = next(s for s in stack.load() if s.name == "tagger")
+    os.kill(tagger.pid, signal.SIGKILL)
+    while alive(tagger.pid):
+        pass
+    with pytest.raises(grpc.RpcError) as info:
+        client.tag(gallery(stack, "cat"), k=3)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    stack.restart("tagger", timeout=120)
+    names = {t.name for t in client.list_tags()}
+    assert {"zebra crossing", "Lighthouse at dusk", "feline"} <= names
+    assert "kite" not in names
+
+
+def test_sigterm_drains_an_in_flight_add(stack: Stack, client: GatewayClient) -> None:
+    gateway = next(s for s in stack.load() if s.name == "gateway")
+    photo = gallery(stack, "astronaut")
+    sent = 0
+
+    def stream() -> Iterator[ImageToAdd]:
+        nonlocal sent
+        for i in range(40):
+            if i == 5:
+                # The gateway is told to stop while this call is still streaming in.
+                os.kill(gateway.pid, signal.SIGTERM)
+            sent += 1
+            yield ImageToAdd(photo, f"drain-{i}")
+
+    outcomes = client.add_images(stream())
+    assert sent == 40 and len(outcomes) == 40 and all(o.ok for o in outcomes)
+    deadline = time.monotonic() + 30
+    while alive(gateway.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(gateway.pid), "the gateway must exit after draining"
+    assert "stopped" in (stack.logs / "gateway.log").read_text()
+    stack.restart("gateway", timeout=60)
+    assert len(client.get_images([f"drain-{i}" for i in range(40)]).images) == 40

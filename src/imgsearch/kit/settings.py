@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import TypeVar
 
-from pydantic import Field, ValidationError
+from pydantic import Field, FilePath, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 S = TypeVar("S", bound="ServerSettings")
@@ -25,6 +26,38 @@ class ServerSettings(BaseSettings):
     grace_seconds: float = Field(10.0, ge=0, description="SIGTERM: how long in-flight calls may finish")
     max_concurrent_rpcs: int | None = Field(None, ge=1, description="beyond this, calls get RESOURCE_EXHAUSTED")
     peer_timeout_seconds: float = Field(10.0, gt=0, description="deadline for calls to peers when the caller set none")
+    # TLS is opt-in: internal traffic stays plaintext unless these are set (see docs/deploy.md).
+    tls_cert_file: FilePath | None = Field(None, description="PEM certificate chain; with TLS_KEY_FILE, serve TLS")
+    tls_key_file: FilePath | None = Field(
+        None, validate_default=True, description="PEM private key of TLS_CERT_FILE; set both or neither"
+    )
+    tls_client_ca_file: FilePath | None = Field(
+        None, description="PEM CA bundle; when set, clients must present a certificate it signed (mTLS)"
+    )
+    peer_tls_ca_file: FilePath | None = Field(
+        None, description="PEM CA bundle to verify peers with; when set, calls to peers use TLS"
+    )
+    peer_tls_cert_file: FilePath | None = Field(
+        None, description="PEM client certificate presented to peers that require mTLS"
+    )
+    peer_tls_key_file: FilePath | None = Field(
+        None, validate_default=True, description="PEM private key of PEER_TLS_CERT_FILE; set both or neither"
+    )
+    # Kubelet gRPC probes cannot speak TLS, so a TLS server needs a plaintext health-only listener.
+    health_port: int | None = Field(
+        None, ge=0, le=65535, description="extra plaintext port serving only grpc.health.v1 (for TLS servers' probes)"
+    )
+
+    @field_validator("tls_key_file", "peer_tls_key_file")
+    @classmethod
+    def _cert_and_key_together(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        # Fields validate in order, so the matching *_cert_file is in info.data unless it failed itself.
+        key_field = str(info.field_name)
+        cert_field = key_field.replace("_key_file", "_cert_file")
+        if cert_field in info.data and (value is None) != (info.data[cert_field] is None):
+            prefix = str(cls.model_config.get("env_prefix", "")).upper()
+            raise ValueError(f"set both {prefix}{cert_field.upper()} and {prefix}{key_field.upper()}, or neither")
+        return value
 
     @property
     def max_message_bytes(self) -> int:
@@ -40,7 +73,8 @@ def load_settings(cls: type[S], service: str) -> S:
         lines = []
         for err in exc.errors():
             field = ".".join(str(p) for p in err["loc"])
-            var = f"{prefix}{field}".upper()
+            # Model-level validators report no field: name the whole prefix instead of a truncated variable.
+            var = f"{prefix}{field}".upper() if field else f"{prefix}*"
             if err["type"] == "missing":
                 lines.append(f"  {var} is required but not set")
             else:
