@@ -1,0 +1,89 @@
+"""Conversions between index.v1 / common.v1 messages and the ShardIndex domain types, in one place."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from imgsearch.common.v1 import common_pb2
+from imgsearch.index.core import Hit, RecordInput, SearchResult, ShardStats, Space, Vector, WriteResult
+from imgsearch.index.store import StoredRecord
+from imgsearch.index.v1 import index_pb2
+from imgsearch.kit.convert import item_error, to_vector
+from imgsearch.kit.errors import InvalidArgument
+
+_SPACES: dict[common_pb2.Space.ValueType, Space] = {
+    common_pb2.SPACE_VISUAL: Space.VISUAL,
+    common_pb2.SPACE_SEMANTIC: Space.SEMANTIC,
+}
+
+
+def space(value: common_pb2.Space.ValueType) -> Space:
+    """The domain space of a Space enum value; unspecified or unknown values are the caller's mistake."""
+    found = _SPACES.get(value)
+    if found is not None:
+        return found
+    name = common_pb2.Space.Name(value) if value in common_pb2.Space.values() else str(int(value))
+    raise InvalidArgument(f"space must be SPACE_VISUAL or SPACE_SEMANTIC, got {name}")
+
+
+def _array(vec: common_pb2.FloatVector) -> Vector:
+    return np.asarray(vec.values, dtype=np.float32)
+
+
+def record_input(rec: index_pb2.Record) -> RecordInput:
+    """A Record as given; the core validates it (so one bad record fails alone)."""
+    return RecordInput(
+        id=rec.id,
+        visual=_array(rec.visual) if rec.HasField("visual") else None,
+        semantic=_array(rec.semantic) if rec.HasField("semantic") else None,
+        semantic_head=rec.semantic_head,
+        metadata=dict(rec.metadata),
+        source_name=rec.source_name,
+        created_unix_ms=rec.created_unix_ms,
+    )
+
+
+def write_result(result: WriteResult) -> index_pb2.WriteResult:
+    if result.error is not None:
+        return index_pb2.WriteResult(id=result.id, error=item_error(result.error))
+    return index_pb2.WriteResult(id=result.id, changed=result.changed)
+
+
+def query(request: index_pb2.SearchRequest) -> Vector:
+    return _array(request.query)
+
+
+def hit(h: Hit, shard: str) -> common_pb2.SearchHit:
+    return common_pb2.SearchHit(id=h.id, score=h.score, metadata=h.metadata, source_name=h.source_name, shard=shard)
+
+
+def search_response(result: SearchResult, shard: str) -> index_pb2.SearchResponse:
+    return index_pb2.SearchResponse(hits=[hit(h, shard) for h in result.hits], shard=shard, searched=result.searched)
+
+
+def record(rec: StoredRecord) -> index_pb2.Record:
+    out = index_pb2.Record(
+        id=rec.id,
+        metadata=rec.metadata,
+        source_name=rec.source_name,
+        semantic_head=rec.semantic_head or "",
+        created_unix_ms=rec.created_ms,
+    )
+    if rec.visual is not None:
+        out.visual.CopyFrom(to_vector(rec.visual))
+    if rec.semantic is not None:
+        out.semantic.CopyFrom(to_vector(rec.semantic))
+    return out
+
+
+def stats_response(stats: ShardStats) -> index_pb2.StatsResponse:
+    return index_pb2.StatsResponse(
+        shard=stats.shard,
+        count=stats.count,
+        visual_dim=stats.visual_dim,
+        semantic_dim=stats.semantic_dim,
+        semantic_heads=stats.semantic_heads,
+        index_type=stats.index_type,
+        last_snapshot_unix_ms=stats.last_snapshot_unix_ms,
+        wal_entries=stats.wal_entries,
+    )

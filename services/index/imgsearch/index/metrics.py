@@ -1,0 +1,26 @@
+"""Prometheus metrics of the index service (the RPC metrics come from the kit)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from imgsearch.kit.metrics import LATENCY_BUCKETS
+
+VECTORS = Gauge("imgsearch_index_vectors", "Vectors held by the shard, per space.", ("shard", "space"))
+SEARCH_SECONDS = Histogram(
+    "imgsearch_index_search_seconds",
+    "Time of one FAISS search, including id and metadata lookup.",
+    ("shard", "space", "index_type"),
+    buckets=LATENCY_BUCKETS,
+)
+SNAPSHOT_AGE = Gauge(
+    "imgsearch_index_snapshot_age_seconds",
+    "Seconds since the newest FAISS snapshot (since the shard opened when it has none).",
+    ("shard",),
+)
+WAL_ENTRIES = Gauge(
+    "imgsearch_index_wal_entries", "Changes stored in SQLite but not yet in a FAISS snapshot.", ("shard",)
+)
+WRITES = Counter(
+    "imgsearch_index_writes_total", "Records written: upserts stored and deletes of existing ids.", ("shard", "op")
+)

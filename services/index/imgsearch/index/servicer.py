@@ -1,0 +1,60 @@
+"""IndexService over gRPC: parse the request, call the ShardIndex on a worker thread, convert the result."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from grpc import aio
+
+from imgsearch.index import convert
+from imgsearch.index.core import ShardIndex
+from imgsearch.index.v1 import index_pb2, index_pb2_grpc
+from imgsearch.kit.errors import Unavailable
+
+Context = aio.ServicerContext[Any, Any]
+
+
+class IndexServicer(index_pb2_grpc.IndexServiceServicer):
+    """Thin adapter; the shard is attached once it has loaded (health says NOT_SERVING until then)."""
+
+    def __init__(self, shard_name: str) -> None:
+        self.shard_name = shard_name
+        self.core: ShardIndex | None = None
+
+    def _core(self) -> ShardIndex:
+        if self.core is None:
+            raise Unavailable(f"index shard {self.shard_name!r} is still loading; retry shortly")
+        return self.core
+
+    async def Upsert(self, request: index_pb2.UpsertRequest, context: Context) -> index_pb2.UpsertResponse:
+        core = self._core()
+        records = [convert.record_input(r) for r in request.records]
+        results = await asyncio.to_thread(core.upsert, records)
+        return index_pb2.UpsertResponse(results=[convert.write_result(r) for r in results])
+
+    async def Delete(self, request: index_pb2.DeleteRequest, context: Context) -> index_pb2.DeleteResponse:
+        core = self._core()
+        results = await asyncio.to_thread(core.delete, list(request.ids))
+        return index_pb2.DeleteResponse(results=[convert.write_result(r) for r in results])
+
+    async def Search(self, request: index_pb2.SearchRequest, context: Context) -> index_pb2.SearchResponse:
+        core = self._core()
+        result = await asyncio.to_thread(
+            core.search,
+            convert.space(request.space),
+            convert.query(request),
+            request.k,
+            list(request.exclude_ids),
+            request.semantic_head,
+        )
+        return convert.search_response(result, core.shard)
+
+    async def Get(self, request: index_pb2.GetRequest, context: Context) -> index_pb2.GetResponse:
+        core = self._core()
+        found, missing = await asyncio.to_thread(core.get, list(request.ids), request.include_vectors)
+        return index_pb2.GetResponse(records=[convert.record(r) for r in found], missing_ids=missing)
+
+    async def Stats(self, request: index_pb2.StatsRequest, context: Context) -> index_pb2.StatsResponse:
+        stats = await asyncio.to_thread(self._core().stats)
+        return convert.stats_response(stats)

@@ -1,0 +1,65 @@
+"""Index service proto <-> domain conversion and the servicer's behaviour before the shard is loaded."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+
+from imgsearch.common.v1 import common_pb2
+from imgsearch.index import convert
+from imgsearch.index.core import Space
+from imgsearch.index.servicer import IndexServicer
+from imgsearch.index.store import StoredRecord
+from imgsearch.index.v1 import index_pb2
+from imgsearch.kit.errors import InvalidArgument, Unavailable
+
+
+def test_space_values() -> None:
+    assert convert.space(common_pb2.SPACE_VISUAL) is Space.VISUAL
+    assert convert.space(common_pb2.SPACE_SEMANTIC) is Space.SEMANTIC
+    with pytest.raises(InvalidArgument, match=r"^space must be SPACE_VISUAL or SPACE_SEMANTIC, got SPACE_UNSPECIFIED$"):
+        convert.space(common_pb2.SPACE_UNSPECIFIED)
+    with pytest.raises(InvalidArgument, match=r"got 9$"):
+        convert.space(9)  # type: ignore[arg-type]
+
+
+def test_record_input_keeps_absent_and_empty_vectors_apart() -> None:
+    absent = convert.record_input(index_pb2.Record(id="a", visual=common_pb2.FloatVector(values=[1.0, 2.0])))
+    assert absent.semantic is None
+    assert absent.visual is not None
+    np.testing.assert_array_equal(absent.visual, [1.0, 2.0])
+    # An explicitly empty vector is a wrong-dimension vector (rejected by the core), not a missing one.
+    empty = convert.record_input(index_pb2.Record(id="b", semantic=common_pb2.FloatVector()))
+    assert empty.semantic is not None
+    assert empty.semantic.shape == (0,)
+
+
+def test_stored_record_round_trip() -> None:
+    rec = StoredRecord(
+        label=7,
+        id="x",
+        metadata={"k": "v"},
+        source_name="x.jpg",
+        semantic_head=None,
+        created_ms=123,
+        visual=np.array([0.6, 0.8], np.float32),
+    )
+    msg = convert.record(rec)
+    assert (msg.id, dict(msg.metadata), msg.source_name, msg.semantic_head, msg.created_unix_ms) == (
+        "x",
+        {"k": "v"},
+        "x.jpg",
+        "",
+        123,
+    )
+    assert msg.HasField("visual")
+    assert not msg.HasField("semantic")
+    np.testing.assert_allclose(msg.visual.values, [0.6, 0.8], rtol=1e-6)
+
+
+async def test_calls_before_the_shard_is_loaded_are_unavailable() -> None:
+    servicer = IndexServicer("shard-7")
+    with pytest.raises(Unavailable, match="'shard-7' is still loading") as info:
+        await servicer.Stats(index_pb2.StatsRequest(), None)  # type: ignore[arg-type]
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE

@@ -1,0 +1,723 @@
+"""ShardIndex: write semantics, exact search against brute force, head policy, durability and snapshots."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import threading
+import time
+from collections.abc import Callable, Collection, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from imgsearch.index import snapshot
+from imgsearch.index.core import RecordInput, ShardIndex, Space
+from imgsearch.index.settings import IndexSettings
+from imgsearch.kit.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+
+VD, SD = 16, 8
+HEAD = "proj@1"
+
+
+def settings(path: Path, **overrides: Any) -> IndexSettings:
+    base: dict[str, Any] = {
+        "data_dir": path,
+        "shard": "unit",
+        "visual_dim": VD,
+        "semantic_dim": SD,
+        # Snapshots only when a test asks, unless it overrides these.
+        "snapshot_every": 10**9,
+        "snapshot_interval_seconds": 3600.0,
+        "use_gpu": False,
+    }
+    base.update(overrides)
+    return IndexSettings(**base)
+
+
+class Truth:
+    """What the shard should hold, kept independently with numpy: the ground truth for exact search."""
+
+    def __init__(self) -> None:
+        self.visual: dict[str, np.ndarray] = {}
+        self.semantic: dict[str, tuple[str, np.ndarray]] = {}
+        self.meta: dict[str, dict[str, str]] = {}
+
+    def put(self, rec: RecordInput) -> None:
+        self.visual.pop(rec.id, None)
+        self.semantic.pop(rec.id, None)
+        if rec.visual is not None:
+            self.visual[rec.id] = rec.visual / np.linalg.norm(rec.visual.astype(np.float64))
+        if rec.semantic is not None:
+            self.semantic[rec.id] = (rec.semantic_head, rec.semantic / np.linalg.norm(rec.semantic.astype(np.float64)))
+        self.meta[rec.id] = dict(rec.metadata)
+
+    def drop(self, id_: str) -> None:
+        self.visual.pop(id_, None)
+        self.semantic.pop(id_, None)
+        self.meta.pop(id_, None)
+
+    def top(
+        self, space: Space, query: np.ndarray, k: int, exclude: Collection[str] = (), head: str | None = None
+    ) -> list[tuple[str, float]]:
+        if space is Space.VISUAL:
+            pool = {i: v for i, v in self.visual.items() if i not in exclude}
+        else:
+            pool = {i: v for i, (h, v) in self.semantic.items() if i not in exclude and (head is None or h == head)}
+        if not pool:
+            return []
+        ids = list(pool)
+        q = query.astype(np.float64) / np.linalg.norm(query.astype(np.float64))
+        scores = np.stack([pool[i] for i in ids]) @ q
+        order = np.argsort(-scores)[:k]
+        return [(ids[j], float(scores[j])) for j in order]
+
+
+def vis(r: RecordInput) -> np.ndarray:
+    assert r.visual is not None
+    return r.visual
+
+
+def sem(r: RecordInput) -> np.ndarray:
+    assert r.semantic is not None
+    return r.semantic
+
+
+def rec(rng: np.random.Generator, id_: str, head: str | None = HEAD, **kw: Any) -> RecordInput:
+    return RecordInput(
+        id=id_,
+        visual=rng.normal(size=VD).astype(np.float32),
+        semantic=rng.normal(size=SD).astype(np.float32) if head else None,
+        semantic_head=head or "",
+        metadata=kw.pop("metadata", {"n": id_}),
+        source_name=kw.pop("source_name", f"{id_}.jpg"),
+        **kw,
+    )
+
+
+def assert_matches(
+    idx: ShardIndex,
+    truth: Truth,
+    rng: np.random.Generator,
+    space: Space = Space.VISUAL,
+    head: str = "",
+    queries: int = 5,
+    k: int = 10,
+) -> None:
+    dim = VD if space is Space.VISUAL else SD
+    for _ in range(queries):
+        q = rng.normal(size=dim).astype(np.float32)
+        got = idx.search(space, q, k, semantic_head=head)
+        want = truth.top(space, q, k, head=head or None)
+        assert [h.id for h in got.hits] == [i for i, _ in want]
+        np.testing.assert_allclose([h.score for h in got.hits], [s for _, s in want], atol=1e-5)
+        for h in got.hits:
+            assert h.metadata == truth.meta[h.id]
+
+
+@pytest.fixture()
+def shard(tmp_path: Path) -> Iterator[ShardIndex]:
+    idx = ShardIndex(settings(tmp_path / "shard"))
+    yield idx
+    idx.close(final_snapshot=False)
+
+
+def fill(idx: ShardIndex, truth: Truth, rng: np.random.Generator, n: int, prefix: str = "img") -> list[str]:
+    records = [rec(rng, f"{prefix}{i}") for i in range(n)]
+    results = idx.upsert(records)
+    assert all(r.error is None for r in results)
+    for r in records:
+        truth.put(r)
+    return [r.id for r in records]
+
+
+# --- write semantics ---
+
+
+def test_upsert_reports_new_ids_and_replacements(shard: ShardIndex, rng: np.random.Generator) -> None:
+    first = rec(rng, "a")
+    assert [(r.id, r.changed) for r in shard.upsert([first])] == [("a", True)]
+    replaced = rec(rng, "a", metadata={"v": "2"})
+    assert [(r.id, r.changed) for r in shard.upsert([replaced])] == [("a", False)]
+    # The same id twice in one batch: the second is a replacement of the first, and it wins.
+    twice = [rec(rng, "b", metadata={"v": "1"}), rec(rng, "b", metadata={"v": "2"})]
+    assert [r.changed for r in shard.upsert(twice)] == [True, False]
+    found, missing = shard.get(["a", "b"], include_vectors=True)
+    assert [r.metadata for r in found] == [{"v": "2"}, {"v": "2"}]
+    assert missing == []
+    assert found[1].visual is not None
+    np.testing.assert_allclose(found[1].visual, vis(twice[1]) / np.linalg.norm(vis(twice[1])), atol=1e-6)
+    assert shard.stats().count == 2
+
+
+def test_delete_reports_whether_the_id_existed(shard: ShardIndex, rng: np.random.Generator) -> None:
+    truth = Truth()
+    fill(shard, truth, rng, 5)
+    results = shard.delete(["img1", "ghost", "img1", "img3"])
+    assert [(r.id, r.changed, r.error) for r in results] == [
+        ("img1", True, None),
+        ("ghost", False, None),
+        ("img1", False, None),
+        ("img3", True, None),
+    ]
+    truth.drop("img1")
+    truth.drop("img3")
+    assert shard.get(["img1", "img2", "img3"]) == (shard.get(["img2"])[0], ["img1", "img3"])
+    assert_matches(shard, truth, rng)
+    # A deleted id can come back, as a new record.
+    again = rec(rng, "img1")
+    assert shard.upsert([again])[0].changed is True
+    truth.put(again)
+    assert_matches(shard, truth, rng)
+
+
+def test_delete_and_reinsert_in_one_batch_keeps_the_id_findable(shard: ShardIndex, rng: np.random.Generator) -> None:
+    truth = Truth()
+    fill(shard, truth, rng, 3)
+    shard.delete(["img0"])
+    # Delete of a missing id and upserts mixed with deletes all go through one write path.
+    back = rec(rng, "img0")
+    shard.upsert([back])
+    shard.delete(["img0"])
+    shard.upsert([back])
+    truth.put(back)
+    hit = shard.search(Space.VISUAL, vis(back), 1)
+    assert hit.hits[0].id == "img0"
+    assert hit.hits[0].score == pytest.approx(1.0, abs=1e-5)
+    assert shard.stats().count == 3
+
+
+def test_get_keeps_request_order_and_creation_time(shard: ShardIndex, rng: np.random.Generator) -> None:
+    shard.upsert([rec(rng, "x"), rec(rng, "y"), rec(rng, "z", created_unix_ms=1_600_000_000_000)])
+    found, missing = shard.get(["z", "nope", "x"])
+    assert [r.id for r in found] == ["z", "x"]
+    assert missing == ["nope"]
+    assert found[0].created_ms == 1_600_000_000_000
+    assert found[0].visual is None  # not asked for
+    created_x = found[1].created_ms
+    assert abs(created_x - time.time() * 1000) < 60_000
+    time.sleep(0.01)
+    shard.upsert([rec(rng, "x", metadata={"v": "new"})])
+    (x,), _ = shard.get(["x"])
+    assert x.metadata == {"v": "new"}
+    assert x.created_ms == created_x  # a replacement keeps the creation time unless the caller sets one
+
+
+BAD: list[tuple[dict[str, Any], str]] = [
+    ({"id": ""}, "id must not be empty"),
+    ({"id": "x" * 257}, "id has 257 characters, at most 256"),
+    ({"visual": np.ones(VD + 1, np.float32)}, f"visual vector has {VD + 1} values, expected {VD}"),
+    ({"semantic": np.ones(3, np.float32)}, f"semantic vector has 3 values, expected {SD}"),
+    ({"visual": np.full(VD, np.nan, np.float32)}, "visual vector contains NaN or infinite values"),
+    ({"visual": np.r_[np.ones(VD - 1), np.inf].astype(np.float32)}, "contains NaN or infinite"),
+    ({"visual": np.zeros(VD, np.float32)}, "visual vector is all zeros"),
+    ({"visual": None, "semantic": None, "semantic_head": ""}, "neither a visual nor a semantic vector"),
+    ({"semantic_head": ""}, "semantic_head is required with a semantic vector"),
+    ({"semantic": None}, "semantic_head 'proj@1' given without a semantic vector"),
+    ({"metadata": {f"k{i}": "v" for i in range(65)}}, "65 metadata entries, at most 64"),
+    ({"metadata": {"k": "v" * 16384}}, "metadata is 16385 bytes, at most 16384"),
+    ({"source_name": "s" * 4097}, "source_name has 4097 characters"),
+    ({"created_unix_ms": -1}, "created_unix_ms must not be negative"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), BAD, ids=[m for _, m in BAD])
+def test_a_bad_record_fails_alone(
+    shard: ShardIndex, rng: np.random.Generator, change: dict[str, Any], message: str
+) -> None:
+    good_before, good_after = rec(rng, "good0"), rec(rng, "good1")
+    base = rec(rng, "bad")
+    fields = {**base.__dict__, **change}
+    results = shard.upsert([good_before, RecordInput(**fields), good_after])
+    assert [r.error is None for r in results] == [True, False, True]
+    err = results[1].error
+    assert err is not None
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in err.message
+    assert err.message.startswith("record 1")
+    assert shard.get(["good0", "good1", fields["id"]])[1] == [fields["id"]]
+    assert shard.search(Space.VISUAL, vis(good_after), 1).hits[0].id == "good1"
+
+
+def test_vectors_are_normalised_on_the_way_in(shard: ShardIndex, rng: np.random.Generator) -> None:
+    big = rec(rng, "big")
+    big = RecordInput(**{**big.__dict__, "visual": vis(big) * np.float32(1e30)})
+    assert shard.upsert([big])[0].error is None
+    (stored,), _ = shard.get(["big"], include_vectors=True)
+    assert stored.visual is not None
+    assert np.linalg.norm(stored.visual) == pytest.approx(1.0, abs=1e-6)
+    assert shard.search(Space.VISUAL, vis(big), 1).hits[0].score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_too_many_records_is_resource_exhausted_and_stores_nothing(tmp_path: Path, rng: np.random.Generator) -> None:
+    idx = ShardIndex(settings(tmp_path / "s", max_batch=4))
+    try:
+        with pytest.raises(ResourceExhausted, match="5 records in one request, at most 4"):
+            idx.upsert([rec(rng, f"r{i}") for i in range(5)])
+        with pytest.raises(ResourceExhausted, match="5 ids in one request"):
+            idx.delete([f"r{i}" for i in range(5)])
+        with pytest.raises(ResourceExhausted, match="5 ids in one request"):
+            idx.get([f"r{i}" for i in range(5)])
+        assert idx.stats().count == 0
+        assert len(idx.upsert([rec(rng, f"r{i}") for i in range(4)])) == 4
+    finally:
+        idx.close(final_snapshot=False)
+
+
+# --- search ---
+
+
+def test_exact_search_equals_brute_force_through_deletes_and_replaces(
+    shard: ShardIndex, rng: np.random.Generator
+) -> None:
+    truth = Truth()
+    ids = fill(shard, truth, rng, 300)
+    assert_matches(shard, truth, rng, Space.VISUAL, k=1)
+    assert_matches(shard, truth, rng, Space.VISUAL, k=25)
+    assert_matches(shard, truth, rng, Space.SEMANTIC, HEAD, k=25)
+    gone = [str(i) for i in rng.choice(ids, size=60, replace=False)]
+    assert sum(r.changed for r in shard.delete(gone)) == 60
+    for i in gone:
+        truth.drop(i)
+    kept = [i for i in ids if i not in gone]
+    replacements = [rec(rng, str(i)) for i in rng.choice(kept, size=50, replace=False)]
+    assert not any(r.changed for r in shard.upsert(replacements))
+    for r in replacements:
+        truth.put(r)
+    assert_matches(shard, truth, rng, Space.VISUAL, k=25)
+    assert_matches(shard, truth, rng, Space.SEMANTIC, HEAD, k=25)
+    # k larger than the shard returns everything, ranked.
+    assert_matches(shard, truth, rng, Space.VISUAL, k=1000, queries=2)
+    assert shard.search(Space.VISUAL, rng.normal(size=VD).astype(np.float32), 5).searched == 240
+
+
+def test_exclude_ids_are_never_returned_and_k_is_still_filled(shard: ShardIndex, rng: np.random.Generator) -> None:
+    truth = Truth()
+    fill(shard, truth, rng, 50)
+    q = rng.normal(size=VD).astype(np.float32)
+    nearest = [i for i, _ in truth.top(Space.VISUAL, q, 8)]
+    exclude = [*nearest[:5], "not-stored"]
+    got = shard.search(Space.VISUAL, q, 10, exclude_ids=exclude)
+    assert [h.id for h in got.hits] == [i for i, _ in truth.top(Space.VISUAL, q, 10, exclude=set(exclude))]
+    assert len(got.hits) == 10
+    # Excluding everything leaves nothing.
+    assert shard.search(Space.VISUAL, q, 10, exclude_ids=list(truth.visual)).hits == []
+
+
+def test_search_argument_errors(tmp_path: Path, rng: np.random.Generator) -> None:
+    idx = ShardIndex(settings(tmp_path / "s", max_exclude_ids=3))
+    try:
+        fill(idx, Truth(), rng, 3)
+        q = rng.normal(size=VD).astype(np.float32)
+        with pytest.raises(InvalidArgument, match=r"^k must be between 1 and 1000, got 0$"):
+            idx.search(Space.VISUAL, q, 0)
+        with pytest.raises(InvalidArgument, match="k must be between 1 and 1000, got 100000"):
+            idx.search(Space.VISUAL, q, 100_000)
+        with pytest.raises(InvalidArgument, match=f"query for the semantic space has {VD} values, expected {SD}"):
+            idx.search(Space.SEMANTIC, q, 1)
+        with pytest.raises(InvalidArgument, match="all zeros"):
+            idx.search(Space.VISUAL, np.zeros(VD, np.float32), 1)
+        with pytest.raises(InvalidArgument, match="NaN"):
+            idx.search(Space.VISUAL, np.full(VD, np.nan, np.float32), 1)
+        with pytest.raises(ResourceExhausted, match="4 exclude_ids, at most 3"):
+            idx.search(Space.VISUAL, q, 1, exclude_ids=["a", "b", "c", "d"])
+    finally:
+        idx.close(final_snapshot=False)
+
+
+# --- semantic heads ---
+
+
+def test_query_of_another_head_is_failed_precondition_naming_both(shard: ShardIndex, rng: np.random.Generator) -> None:
+    truth = Truth()
+    fill(shard, truth, rng, 20)
+    q = rng.normal(size=SD).astype(np.float32)
+    with pytest.raises(FailedPrecondition) as info:
+        shard.search(Space.SEMANTIC, q, 5, semantic_head="proj@2")
+    assert "'proj@1'" in info.value.message
+    assert "'proj@2'" in info.value.message
+    # An empty head means "the shard's one head".
+    assert_matches(shard, truth, rng, Space.SEMANTIC, "")
+    assert shard.search(Space.SEMANTIC, q, 5).head == HEAD
+    # The visual space has no heads: a head given with a visual query is not checked against anything.
+    assert len(shard.search(Space.VISUAL, rng.normal(size=VD).astype(np.float32), 5, semantic_head="x").hits) == 5
+
+
+def test_two_heads_are_searched_apart(shard: ShardIndex, rng: np.random.Generator) -> None:
+    truth = Truth()
+    old = [rec(rng, f"old{i}", head="proj@1") for i in range(30)]
+    new = [rec(rng, f"new{i}", head="proj@2") for i in range(20)]
+    shard.upsert(old + new)
+    for r in old + new:
+        truth.put(r)
+    assert shard.stats().semantic_heads == {"proj@1": 30, "proj@2": 20}
+    assert_matches(shard, truth, rng, Space.SEMANTIC, "proj@1", k=40)
+    assert_matches(shard, truth, rng, Space.SEMANTIC, "proj@2", k=40)
+    got = shard.search(Space.SEMANTIC, rng.normal(size=SD).astype(np.float32), 100, semantic_head="proj@2")
+    assert {h.id for h in got.hits} == {r.id for r in new}
+    assert got.searched == 20
+    with pytest.raises(FailedPrecondition, match=re.escape("several heads ('proj@1', 'proj@2'); set semantic_head")):
+        shard.search(Space.SEMANTIC, rng.normal(size=SD).astype(np.float32), 5)
+    with pytest.raises(FailedPrecondition, match="none of head 'proj@3'"):
+        shard.search(Space.SEMANTIC, rng.normal(size=SD).astype(np.float32), 5, semantic_head="proj@3")
+    # Re-indexing the old records with the new head moves them; the old head disappears once empty.
+    moved = [rec(rng, r.id, head="proj@2") for r in old]
+    shard.upsert(moved)
+    for r in moved:
+        truth.put(r)
+    assert shard.stats().semantic_heads == {"proj@2": 50}
+    assert_matches(shard, truth, rng, Space.SEMANTIC, "", k=60)
+
+
+def test_semantic_search_of_a_shard_without_semantic_vectors_is_empty(
+    shard: ShardIndex, rng: np.random.Generator
+) -> None:
+    q = rng.normal(size=SD).astype(np.float32)
+    assert shard.search(Space.SEMANTIC, q, 5, semantic_head="proj@9").hits == []
+    shard.upsert([rec(rng, "visual-only", head=None)])
+    got = shard.search(Space.SEMANTIC, q, 5)
+    assert (got.hits, got.searched) == ([], 0)
+    assert shard.search(Space.VISUAL, rng.normal(size=VD).astype(np.float32), 5).hits[0].id == "visual-only"
+
+
+# --- durability and snapshots ---
+
+
+def queries(rng: np.random.Generator, n: int = 6) -> list[tuple[Space, np.ndarray]]:
+    return [(Space.VISUAL, rng.normal(size=VD).astype(np.float32)) for _ in range(n)] + [
+        (Space.SEMANTIC, rng.normal(size=SD).astype(np.float32)) for _ in range(n)
+    ]
+
+
+def answers(idx: ShardIndex, qs: Sequence[tuple[Space, np.ndarray]]) -> list[list[tuple[str, float]]]:
+    return [[(h.id, h.score) for h in idx.search(space, q, 20).hits] for space, q in qs]
+
+
+def mutate(idx: ShardIndex, truth: Truth, rng: np.random.Generator, tag: str) -> int:
+    """Inserts, replaces and deletes; returns the number of changes."""
+    fresh = [rec(rng, f"{tag}{i}") for i in range(30)]
+    idx.upsert(fresh)
+    existing = sorted(truth.visual)
+    replaced = [rec(rng, i) for i in existing[:10]]
+    idx.upsert(replaced)
+    gone = existing[10:25]
+    idx.delete(gone)
+    for r in fresh + replaced:
+        truth.put(r)
+    for i in gone:
+        truth.drop(i)
+    return len(fresh) + len(replaced) + len(gone)
+
+
+def test_close_and_reopen_gives_identical_results(tmp_path: Path, rng: np.random.Generator) -> None:
+    truth = Truth()
+    idx = ShardIndex(settings(tmp_path / "s"))
+    fill(idx, truth, rng, 200)
+    mutate(idx, truth, rng, "m")
+    qs = queries(rng)
+    before = answers(idx, qs)
+    stats_before = idx.stats()
+    idx.close()
+    idx = ShardIndex(settings(tmp_path / "s"))
+    try:
+        assert idx.load_report.mode == "snapshot"
+        assert idx.load_report.replayed_changes == 0
+        assert answers(idx, qs) == before
+        after = idx.stats()
+        assert (after.count, after.semantic_heads) == (stats_before.count, stats_before.semantic_heads)
+        assert after.wal_entries == 0
+        assert after.last_snapshot_unix_ms > 0
+        assert_matches(idx, truth, rng)
+    finally:
+        idx.close(final_snapshot=False)
+
+
+def test_without_any_snapshot_a_reopen_rebuilds_from_sqlite(tmp_path: Path, rng: np.random.Generator) -> None:
+    truth = Truth()
+    idx = ShardIndex(settings(tmp_path / "s"))
+    fill(idx, truth, rng, 100)
+    mutate(idx, truth, rng, "m")
+    qs = queries(rng)
+    before = answers(idx, qs)
+    idx.close(final_snapshot=False)  # what a crash leaves
+    assert snapshot.newest(tmp_path / "s") is None
+    idx = ShardIndex(settings(tmp_path / "s"))
+    try:
+        assert idx.load_report.mode == "rebuild"
+        assert answers(idx, qs) == before
+        assert_matches(idx, truth, rng, Space.SEMANTIC, HEAD)
+    finally:
+        idx.close(final_snapshot=False)
+
+
+def test_changes_after_a_snapshot_are_replayed(tmp_path: Path, rng: np.random.Generator) -> None:
+    truth = Truth()
+    idx = ShardIndex(settings(tmp_path / "s"))
+    fill(idx, truth, rng, 150)
+    assert idx.snapshot() is True
+    assert idx.snapshot() is False  # nothing new
+    snap_seq = int(snapshot.newest(tmp_path / "s").name.split("-")[1])  # type: ignore[union-attr]
+    assert idx.stats().wal_entries == 0
+    changes = mutate(idx, truth, rng, "late")
+    # A head change after the snapshot must move the vector between head indexes on replay too.
+    moved = rec(rng, "img0", head="proj@2")
+    idx.upsert([moved])
+    truth.put(moved)
+    assert idx.stats().wal_entries == changes + 1
+    # Visual queries only: with two heads, a semantic query must name one.
+    qs = [(s, q) for s, q in queries(rng) if s is Space.VISUAL]
+    before = answers(idx, qs)
+    idx.close(final_snapshot=False)
+    idx = ShardIndex(settings(tmp_path / "s"))
+    try:
+        assert idx.load_report.mode == "snapshot"
+        assert idx.load_report.replayed_changes == changes + 1
+        assert int(snapshot.newest(tmp_path / "s").name.split("-")[1]) == snap_seq  # type: ignore[union-attr]
+        assert idx.stats().wal_entries == changes + 1
+        assert idx.stats().semantic_heads == {HEAD: 164, "proj@2": 1}
+        assert answers(idx, qs) == before
+        assert_matches(idx, truth, rng, Space.VISUAL, k=50)
+        assert_matches(idx, truth, rng, Space.SEMANTIC, HEAD, k=50)
+        assert [h.id for h in idx.search(Space.SEMANTIC, sem(moved), 5, semantic_head="proj@2").hits] == ["img0"]
+    finally:
+        idx.close(final_snapshot=False)
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+CORRUPTIONS: dict[str, Callable[[Path], object]] = {
+    "flipped byte": lambda d: _flip_byte(d / "visual.faiss"),
+    "truncated index": lambda d: (d / "semantic-0.faiss").write_bytes((d / "semantic-0.faiss").read_bytes()[:100]),
+    "missing index": lambda d: (d / "visual.faiss").unlink(),
+    "garbage manifest": lambda d: (d / "manifest.json").write_bytes(b"\x00\xff not json"),
+    "manifest from the future": lambda d: (d / "manifest.json").write_text(
+        (d / "manifest.json").read_text().replace('"seq": ', '"seq": 1000')
+    ),
+}
+
+
+@pytest.mark.parametrize("corrupt", list(CORRUPTIONS))
+def test_a_corrupt_snapshot_falls_back_to_a_full_rebuild(
+    tmp_path: Path, rng: np.random.Generator, corrupt: str
+) -> None:
+    truth = Truth()
+    idx = ShardIndex(settings(tmp_path / "s"))
+    fill(idx, truth, rng, 120)
+    idx.snapshot()
+    mutate(idx, truth, rng, "after")
+    qs = queries(rng)
+    before = answers(idx, qs)
+    idx.close(final_snapshot=False)
+    newest = snapshot.newest(tmp_path / "s")
+    assert newest is not None
+    CORRUPTIONS[corrupt](newest)
+    (tmp_path / "s" / "snapshots" / ".tmp-7-1").mkdir()  # debris of a crash mid-snapshot
+    idx = ShardIndex(settings(tmp_path / "s"))
+    try:
+        assert idx.load_report.mode == "rebuild"
+        assert newest.name in idx.load_report.reason
+        assert answers(idx, qs) == before
+        assert_matches(idx, truth, rng, Space.SEMANTIC, HEAD)
+        assert not (tmp_path / "s" / "snapshots" / ".tmp-7-1").exists()
+        # The background thread replaces the bad snapshot so the next start is fast again.
+        deadline = time.monotonic() + 10
+        while idx.stats().last_snapshot_unix_ms == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert idx.stats().last_snapshot_unix_ms > 0
+    finally:
+        idx.close(final_snapshot=False)
+    idx = ShardIndex(settings(tmp_path / "s"))
+    try:
+        assert idx.load_report.mode == "snapshot"
+        assert answers(idx, qs) == before
+    finally:
+        idx.close(final_snapshot=False)
+
+
+def test_a_snapshot_of_another_database_is_not_used(tmp_path: Path, rng: np.random.Generator) -> None:
+    truth = Truth()
+    other = ShardIndex(settings(tmp_path / "other"))
+    fill(other, Truth(), rng, 40)
+    other.close()
+    idx = ShardIndex(settings(tmp_path / "s"))
+    fill(idx, truth, rng, 40, prefix="mine")
+    idx.close(final_snapshot=False)
+    src = snapshot.newest(tmp_path / "other")
+    assert src is not None
+    dst = tmp_path / "s" / "snapshots" / src.name
+    dst.parent.mkdir()
+    src.rename(dst)
+    idx = ShardIndex(settings(tmp_path / "s"))
+    try:
+        assert idx.load_report.mode == "rebuild"
+        assert "shard_uuid" in idx.load_report.reason
+        assert_matches(idx, truth, rng)
+        # Its own snapshot has the same seq (40) as the foreign one: it must replace it.
+        deadline = time.monotonic() + 10
+        while idx.stats().last_snapshot_unix_ms == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        idx.close(final_snapshot=False)
+    assert [p.name for p in (tmp_path / "s" / "snapshots").iterdir()] == [src.name]
+    idx = ShardIndex(settings(tmp_path / "s"))
+    try:
+        assert idx.load_report.mode == "snapshot"
+        assert_matches(idx, truth, rng)
+    finally:
+        idx.close(final_snapshot=False)
+
+
+def test_background_snapshot_after_snapshot_every_changes(tmp_path: Path, rng: np.random.Generator) -> None:
+    idx = ShardIndex(settings(tmp_path / "s", snapshot_every=25))
+    try:
+        fill(idx, Truth(), rng, 10)
+        time.sleep(0.2)
+        assert idx.stats().last_snapshot_unix_ms == 0  # below the threshold
+        fill(idx, Truth(), rng, 20, prefix="more")
+        deadline = time.monotonic() + 10
+        while idx.stats().wal_entries and time.monotonic() < deadline:
+            time.sleep(0.02)
+        stats = idx.stats()
+        assert stats.wal_entries == 0
+        assert stats.last_snapshot_unix_ms > 0
+        assert idx.snapshot_age_seconds() < 10
+    finally:
+        idx.close(final_snapshot=False)
+
+
+def test_background_snapshot_after_the_interval(tmp_path: Path, rng: np.random.Generator) -> None:
+    idx = ShardIndex(settings(tmp_path / "s", snapshot_interval_seconds=0.3))
+    try:
+        fill(idx, Truth(), rng, 3)
+        deadline = time.monotonic() + 10
+        while idx.stats().last_snapshot_unix_ms == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert idx.stats().wal_entries == 0
+    finally:
+        idx.close(final_snapshot=False)
+
+
+def test_reopening_with_other_dimensions_is_refused(tmp_path: Path, rng: np.random.Generator) -> None:
+    idx = ShardIndex(settings(tmp_path / "s"))
+    fill(idx, Truth(), rng, 3)
+    idx.close()
+    with pytest.raises(FailedPrecondition, match=f"created with visual_dim={VD}, but the settings say 32"):
+        ShardIndex(settings(tmp_path / "s", visual_dim=32))
+    idx = ShardIndex(settings(tmp_path / "s"))
+    assert idx.stats().count == 3
+    idx.close()
+
+
+def test_searches_stay_consistent_while_writes_happen(shard: ShardIndex, rng: np.random.Generator) -> None:
+    truth = Truth()
+    fill(shard, truth, rng, 200)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def searcher(seed: int) -> None:
+        local = np.random.default_rng(seed)
+        while not stop.is_set():
+            try:
+                got = shard.search(Space.VISUAL, local.normal(size=VD).astype(np.float32), 10)
+                scores = [h.score for h in got.hits]
+                assert scores == sorted(scores, reverse=True)
+                assert len({h.id for h in got.hits}) == len(got.hits)
+            except BaseException as exc:
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=searcher, args=(s,)) for s in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for round_ in range(15):
+            mutate(shard, truth, rng, f"r{round_}-")
+        shard.snapshot()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert errors == []
+    assert_matches(shard, truth, rng, Space.VISUAL, k=30)
+    assert_matches(shard, truth, rng, Space.SEMANTIC, HEAD, k=30)
+
+
+def test_stats_follow_writes_and_snapshots(shard: ShardIndex, rng: np.random.Generator) -> None:
+    stats = shard.stats()
+    assert (stats.shard, stats.count, stats.index_type, stats.visual_dim, stats.semantic_dim) == (
+        "unit",
+        0,
+        "Flat",
+        VD,
+        SD,
+    )
+    shard.upsert([rec(rng, "a"), rec(rng, "b", head=None), rec(rng, "c", head="other@1")])
+    shard.delete(["a", "zzz"])
+    stats = shard.stats()
+    assert (stats.count, stats.visual_count, stats.semantic_heads, stats.wal_entries) == (2, 2, {"other@1": 1}, 4)
+    assert stats.last_snapshot_unix_ms == 0
+    shard.snapshot()
+    stats = shard.stats()
+    assert stats.wal_entries == 0
+    assert abs(stats.last_snapshot_unix_ms - time.time() * 1000) < 60_000
+
+
+def test_a_full_disk_fails_the_whole_request_and_keeps_the_shard_consistent(
+    shard: ShardIndex, rng: np.random.Generator
+) -> None:
+    truth = Truth()
+    fill(shard, truth, rng, 20)
+    wal = shard.stats().wal_entries
+    # SQLite's page limit produces the same error as a full disk ("database or disk is full").
+    db = shard._store._db
+    (pages,) = db.execute("PRAGMA page_count").fetchone()
+    db.execute(f"PRAGMA max_page_count = {pages + 1}")
+    with pytest.raises(ResourceExhausted, match=r"storage is full .*nothing from this request was stored"):
+        shard.upsert([rec(rng, f"late{i}") for i in range(300)])
+    assert (shard.stats().count, shard.stats().wal_entries) == (20, wal)
+    assert shard.get(["late0"])[1] == ["late0"]
+    assert_matches(shard, truth, rng)
+    db.execute("PRAGMA max_page_count = 1073741823")
+    fill(shard, truth, rng, 10, prefix="late")
+    assert_matches(shard, truth, rng)
+
+
+def test_a_snapshot_older_than_the_pruned_log_is_not_used(tmp_path: Path, rng: np.random.Generator) -> None:
+    truth = Truth()
+    idx = ShardIndex(settings(tmp_path / "s"))
+    fill(idx, truth, rng, 50)
+    idx.snapshot()
+    old = snapshot.newest(tmp_path / "s")
+    assert old is not None
+    saved = tmp_path / "saved"
+    old.rename(saved)
+    # Replacements keep their labels: replaying from the old snapshot without the pruned changes would
+    # keep the old vectors while the label sets still agree.
+    replaced = [rec(rng, f"img{i}") for i in range(20)]
+    idx.upsert(replaced)
+    for r in replaced:
+        truth.put(r)
+    idx.snapshot()  # prunes the changes above from the log
+    last = rec(rng, "img0")
+    idx.upsert([last])
+    truth.put(last)
+    idx.close(final_snapshot=False)
+    newest = snapshot.newest(tmp_path / "s")
+    assert newest is not None
+    shutil.rmtree(newest)
+    saved.rename(old)
+    idx = ShardIndex(settings(tmp_path / "s"))
+    try:
+        assert idx.load_report.mode == "rebuild"
+        assert "oldest change still logged" in idx.load_report.reason
+        assert_matches(idx, truth, rng, Space.VISUAL, k=30)
+        assert_matches(idx, truth, rng, Space.SEMANTIC, HEAD, k=30)
+    finally:
+        idx.close(final_snapshot=False)
