@@ -20,6 +20,7 @@ from tests.harness import ServiceProcess
 
 VD, SD = 1280, 384
 HEAD = "minilm-proj@1"
+NEW_HEAD = "minilm-proj@2"
 SHARD = "shard-it"
 
 
@@ -60,6 +61,41 @@ def make_record(rng: np.random.Generator, id_: str, model: Model | None = None) 
 
 def vector(x: np.ndarray) -> common_pb2.FloatVector:
     return common_pb2.FloatVector(values=x.astype(np.float32).tolist())
+
+
+def with_signals(rng: np.random.Generator, record: index_pb2.Record) -> index_pb2.Record:
+    """The record with a raw-feature norm and its top 32 logits, as the gateway sends them."""
+    logits = np.sort(rng.normal(size=32).astype(np.float32) * 4)[::-1]
+    classes = rng.choice(1000, size=32, replace=False)
+    record.feature_norm = float(rng.uniform(5, 50))
+    record.top_logits.extend(
+        index_pb2.ClassLogit(class_index=int(c), logit=float(v)) for c, v in zip(classes, logits, strict=True)
+    )
+    return record
+
+
+def signals_of(record: index_pb2.Record) -> tuple[float, list[tuple[int, float]]]:
+    return record.feature_norm, [(c.class_index, c.logit) for c in record.top_logits]
+
+
+def scan_all(stub: index_pb2_grpc.IndexServiceStub, page_size: int, skip: str = "") -> list[index_pb2.Record]:
+    out: list[index_pb2.Record] = []
+    token = ""
+    while True:
+        resp = stub.Scan(
+            index_pb2.ScanRequest(page_size=page_size, page_token=token, skip_semantic_head=skip), timeout=30
+        )
+        assert len(resp.records) <= page_size
+        out.extend(resp.records)
+        token = resp.next_page_token
+        if not token:
+            return out
+
+
+def semantic_top(pool: dict[str, np.ndarray], q: np.ndarray, k: int) -> list[tuple[str, float]]:
+    ids = list(pool)
+    scores = np.stack([pool[i] for i in ids]) @ unit(q)
+    return [(ids[j], float(scores[j])) for j in np.argsort(-scores)[:k]]
 
 
 def start(tmp_path: Path, name: str, **env: str) -> ServiceProcess:
@@ -270,6 +306,97 @@ def test_metrics_expose_the_index_state(server: ServiceProcess, stub: index_pb2_
     assert handled is not None and handled >= 1
 
 
+def test_scan_and_set_semantic(server: ServiceProcess, stub: index_pb2_grpc.IndexServiceStub) -> None:
+    rng = np.random.default_rng(7)
+    model = Model()
+    records = [with_signals(rng, make_record(rng, f"rp{i}", model)) for i in range(25)]
+    upsert_all(stub, records)
+    sent = {r.id: r for r in records}
+    got = stub.Get(index_pb2.GetRequest(ids=["rp0"], include_vectors=True), timeout=10).records[0]
+    assert signals_of(got) == signals_of(sent["rp0"])
+    assert len(got.top_logits) == 32
+
+    # Every record once, in a stable order, with vectors and signals; the shard also holds other tests' records.
+    scanned = scan_all(stub, 7)
+    ids = [r.id for r in scanned]
+    assert len(ids) == len(set(ids)) == stub.Stats(index_pb2.StatsRequest(), timeout=10).count
+    assert [r.id for r in scan_all(stub, 1000)] == ids
+    assert len(stub.Scan(index_pb2.ScanRequest(), timeout=10).records) == min(100, len(ids))
+    ours = {r.id: r for r in scanned if r.id in sent}
+    assert set(ours) == set(sent)
+    for id_, r in ours.items():
+        assert signals_of(r) == signals_of(sent[id_])
+        assert (r.semantic_head, dict(r.metadata), r.source_name) == (HEAD, model.meta[id_], f"/photos/{id_}.jpg")
+        assert r.created_unix_ms > 0
+        np.testing.assert_allclose(r.visual.values, model.visual[id_], atol=1e-6)
+        np.testing.assert_allclose(r.semantic.values, model.semantic[id_], atol=1e-6)
+
+    moved = {f"rp{i}": rng.normal(size=SD).astype(np.float32) for i in range(10)}
+    updates = [index_pb2.SemanticUpdate(id=i, semantic=vector(v), semantic_head=NEW_HEAD) for i, v in moved.items()]
+    ghost = index_pb2.SemanticUpdate(id="rp-ghost", semantic=vector(np.ones(SD)), semantic_head=NEW_HEAD)
+    short = index_pb2.SemanticUpdate(id="rp20", semantic=vector(np.ones(3)), semantic_head=NEW_HEAD)
+    resp = stub.SetSemantic(
+        index_pb2.SetSemanticRequest(updates=[*updates[:3], ghost, short, *updates[3:]]), timeout=10
+    )
+    assert [(r.id, r.changed, r.error.code) for r in resp.results] == [
+        *[(u.id, True, 0) for u in updates[:3]],
+        ("rp-ghost", False, grpc.StatusCode.NOT_FOUND.value[0]),
+        ("rp20", False, grpc.StatusCode.INVALID_ARGUMENT.value[0]),
+        *[(u.id, True, 0) for u in updates[3:]],
+    ]
+    assert resp.results[4].error.message == f"update 4 ('rp20'): semantic vector has 3 values, expected {SD}"
+
+    new_pool = {i: unit(v) for i, v in moved.items()}
+    for _ in range(3):
+        q = rng.normal(size=SD).astype(np.float32)
+        hits = stub.Search(
+            index_pb2.SearchRequest(space=common_pb2.SPACE_SEMANTIC, query=vector(q), k=5, semantic_head=NEW_HEAD),
+            timeout=10,
+        ).hits
+        want = semantic_top(new_pool, q, 5)
+        assert [h.id for h in hits] == [i for i, _ in want]
+        np.testing.assert_allclose([h.score for h in hits], [s for _, s in want], atol=1e-5)
+    stats = stub.Stats(index_pb2.StatsRequest(), timeout=10)
+    assert dict(stats.semantic_heads) == {HEAD: stats.count - 10, NEW_HEAD: 10}
+    after = stub.Get(index_pb2.GetRequest(ids=list(moved), include_vectors=True), timeout=10).records
+    for r in after:
+        assert r.semantic_head == NEW_HEAD
+        np.testing.assert_allclose(r.semantic.values, new_pool[r.id], atol=1e-6)
+        np.testing.assert_allclose(r.visual.values, model.visual[r.id], atol=1e-6)
+        assert signals_of(r) == signals_of(sent[r.id])
+        assert dict(r.metadata) == model.meta[r.id]
+    # Resuming a re-projection: the records already moved are not scanned again.
+    remaining = [r.id for r in scan_all(stub, 9, skip=NEW_HEAD)]
+    assert sorted(remaining) == sorted(set(ids) - set(moved))
+
+    assert _status(lambda: stub.Scan(index_pb2.ScanRequest(page_size=1001), timeout=10)) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "page_size must be between 1 and 1000, got 1001",
+    )
+    code, details = _status(lambda: stub.Scan(index_pb2.ScanRequest(page_token="12.0123456789abcdef"), timeout=10))
+    assert (code, details.startswith("page_token was not issued by this shard")) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        True,
+    )
+    too_many = index_pb2.SetSemanticRequest(updates=[updates[0]] * 1001)
+    assert _status(lambda: stub.SetSemantic(too_many, timeout=30)) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "1001 updates in one request, at most 1000 allowed; split the request",
+    )
+    bad_logits = make_record(rng, "rp-bad-logits")
+    bad_logits.top_logits.append(index_pb2.ClassLogit(class_index=10_000, logit=1.0))
+    bad = stub.Upsert(index_pb2.UpsertRequest(records=[bad_logits]), timeout=10).results[0]
+    assert bad.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "class_index 10000, expected 0..9999" in bad.error.message
+    text = metrics_text(server)
+    assert (metric(text, "imgsearch_index_writes_total", shard=SHARD, op="set_semantic") or 0) >= 10
+
+    # Back to the one head, so the module's shard stays as the other tests expect it.
+    back = [index_pb2.SemanticUpdate(id=i, semantic=vector(model.semantic[i]), semantic_head=HEAD) for i in moved]
+    assert all(r.changed for r in stub.SetSemantic(index_pb2.SetSemanticRequest(updates=back), timeout=10).results)
+    assert list(stub.Stats(index_pb2.StatsRequest(), timeout=10).semantic_heads) == [HEAD]
+
+
 def test_sigkill_right_after_acks_loses_nothing(tmp_path: Path) -> None:
     # A snapshot after 100 changes, so the restart loads a snapshot and replays what came after it.
     proc = start(tmp_path, "kill", snapshot_every="100")
@@ -337,6 +464,58 @@ def test_sigkill_right_after_acks_loses_nothing(tmp_path: Path) -> None:
     loaded = [json.loads(line) for line in proc.log_tail(100_000).splitlines() if '"shard loaded"' in line]
     assert [entry["mode"] for entry in loaded] == ["empty", "snapshot"]
     assert loaded[1]["replayed_changes"] > 0
+
+
+def test_sigkill_right_after_set_semantic_loses_nothing(tmp_path: Path) -> None:
+    # The upsert below triggers a snapshot; the SetSemantic after it is only in SQLite when the process dies.
+    proc = start(tmp_path, "kill-semantic", snapshot_every="50")
+    rng = np.random.default_rng(8)
+    model = Model()
+    records = [with_signals(rng, make_record(rng, f"s{i}", model)) for i in range(60)]
+    channel, stub = stub_for(proc)
+    try:
+        upsert_all(stub, records)
+        deadline = time.monotonic() + 30
+        while stub.Stats(index_pb2.StatsRequest(), timeout=10).wal_entries and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert stub.Stats(index_pb2.StatsRequest(), timeout=10).last_snapshot_unix_ms > 0
+        moved = {f"s{i}": unit(rng.normal(size=SD).astype(np.float32)) for i in range(0, 60, 2)}
+        updates = [index_pb2.SemanticUpdate(id=i, semantic=vector(v), semantic_head=NEW_HEAD) for i, v in moved.items()]
+        resp = stub.SetSemantic(index_pb2.SetSemanticRequest(updates=updates), timeout=10)
+        assert all(r.changed and not r.HasField("error") for r in resp.results)
+    finally:
+        channel.close()
+    proc.kill()
+
+    proc.start(timeout=60)
+    channel, stub = stub_for(proc)
+    try:
+        got = stub.Get(index_pb2.GetRequest(ids=[r.id for r in records], include_vectors=True), timeout=30)
+        assert list(got.missing_ids) == []
+        sent = {r.id: r for r in records}
+        for r in got.records:
+            head, semantic = (NEW_HEAD, moved[r.id]) if r.id in moved else (HEAD, model.semantic[r.id])
+            assert r.semantic_head == head
+            np.testing.assert_allclose(r.semantic.values, semantic, atol=1e-6)
+            np.testing.assert_allclose(r.visual.values, model.visual[r.id], atol=1e-6)
+            assert signals_of(r) == signals_of(sent[r.id])
+            assert dict(r.metadata) == model.meta[r.id]
+        assert dict(stub.Stats(index_pb2.StatsRequest(), timeout=10).semantic_heads) == {HEAD: 30, NEW_HEAD: 30}
+        pools = {HEAD: {i: v for i, v in model.semantic.items() if i not in moved}, NEW_HEAD: moved}
+        for head, pool in pools.items():
+            q = rng.normal(size=SD).astype(np.float32)
+            hits = stub.Search(
+                index_pb2.SearchRequest(space=common_pb2.SPACE_SEMANTIC, query=vector(q), k=10, semantic_head=head),
+                timeout=10,
+            ).hits
+            want = semantic_top(pool, q, 10)
+            assert [h.id for h in hits] == [i for i, _ in want]
+            np.testing.assert_allclose([h.score for h in hits], [s for _, s in want], atol=1e-5)
+    finally:
+        channel.close()
+        assert proc.stop() == 0
+    loaded = [json.loads(line) for line in proc.log_tail(100_000).splitlines() if '"shard loaded"' in line]
+    assert [(entry["mode"], entry["replayed_changes"]) for entry in loaded] == [("empty", 0), ("snapshot", 30)]
 
 
 def _in_flight_upserts(proc: ServiceProcess) -> float:

@@ -19,6 +19,8 @@ from PIL import Image
 
 from imgsearch.client import GatewayClient, ImageToAdd
 from imgsearch.devstack import GALLERY, Stack, alive, health
+from imgsearch.models.manifest import ModelManifest
+from imgsearch.tagger.heads import save_head
 from tests.harness import free_port_range
 
 pytestmark = pytest.mark.slow
@@ -240,3 +242,40 @@ def test_sigterm_drains_an_in_flight_add(stack: Stack, client: GatewayClient) ->
     assert "stopped" in (stack.logs / "gateway.log").read_text()
     stack.restart("gateway", timeout=60)
     assert len(client.get_images([f"drain-{i}" for i in range(40)]).images) == 40
+
+
+def test_switching_heads_reprojects_every_stored_image(
+    stack: Stack, client: GatewayClient, tmp_path: Path, model_dir: Path
+) -> None:
+    rng = np.random.default_rng(11)
+    path = tmp_path / "e2e-linear.npz"
+    save_head(
+        path,
+        {
+            "name": "e2e-linear",
+            "version": "1",
+            "kind": "linear",
+            "image_model": ModelManifest.load(model_dir).image_version,
+            "feature_dim": 1280,
+            "text_dim": 384,
+            "feature_norm": "l2",
+            "image_layers": [{"weight": "w", "bias": "b", "activation": "none"}],
+        },
+        {"w": rng.standard_normal((1280, 384)).astype(np.float32), "b": np.zeros(384, dtype=np.float32)},
+    )
+    before = client.list_heads()
+    original = next(h for h in before if h.active)
+    switch = client.activate_head(str(path))
+    assert switch.head.name == "e2e-linear" and switch.previous == f"{original.name}@{original.version}"
+    assert not switch.failed_shards and switch.reprojected >= len(GALLERY)
+    # Re-projected from the stored signals, each image's semantic vector equals a fresh projection of its bytes.
+    for name in ("cat", "coffee", "rocket"):
+        res = client.search_image(gallery(stack, name), k=1, space="semantic")
+        assert res.head == "e2e-linear@1" and not res.partial
+        assert res.hits[0].id == name and res.hits[0].score == pytest.approx(1.0, abs=1e-3)
+    assert client.activate_head("e2e-linear@1").reprojected == 0, "a finished switch has nothing left to move"
+    back = client.activate_head(switch.previous)
+    assert back.reprojected == switch.reprojected
+    assert client.search_text("a cup of coffee", k=3).hits[0].id == "coffee"
+    res = client.search_image(gallery(stack, "cat"), k=1, space="semantic")
+    assert res.hits[0].id == "cat" and res.hits[0].score == pytest.approx(1.0, abs=1e-3)

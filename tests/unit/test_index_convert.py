@@ -8,7 +8,7 @@ import pytest
 
 from imgsearch.common.v1 import common_pb2
 from imgsearch.index import convert
-from imgsearch.index.core import Space
+from imgsearch.index.core import ScanPage, Space
 from imgsearch.index.servicer import IndexServicer
 from imgsearch.index.store import StoredRecord
 from imgsearch.index.v1 import index_pb2
@@ -33,6 +33,53 @@ def test_record_input_keeps_absent_and_empty_vectors_apart() -> None:
     empty = convert.record_input(index_pb2.Record(id="b", semantic=common_pb2.FloatVector()))
     assert empty.semantic is not None
     assert empty.semantic.shape == (0,)
+
+
+def test_record_input_carries_the_reprojection_signals() -> None:
+    msg = index_pb2.Record(
+        id="a",
+        feature_norm=12.5,
+        top_logits=[index_pb2.ClassLogit(class_index=281, logit=9.25), index_pb2.ClassLogit(class_index=0, logit=-1.5)],
+    )
+    got = convert.record_input(msg)
+    assert (got.feature_norm, list(got.top_logits)) == (12.5, [(281, 9.25), (0, -1.5)])
+    plain = convert.record_input(index_pb2.Record(id="b"))
+    assert (plain.feature_norm, list(plain.top_logits)) == (0.0, [])
+
+
+def test_semantic_input_keeps_absent_and_empty_vectors_apart() -> None:
+    full = convert.semantic_input(
+        index_pb2.SemanticUpdate(id="a", semantic=common_pb2.FloatVector(values=[0.5, 1.0]), semantic_head="h@2")
+    )
+    assert (full.id, full.semantic_head) == ("a", "h@2")
+    assert full.semantic is not None
+    np.testing.assert_array_equal(full.semantic, [0.5, 1.0])
+    assert convert.semantic_input(index_pb2.SemanticUpdate(id="b", semantic_head="h@2")).semantic is None
+    empty = convert.semantic_input(index_pb2.SemanticUpdate(id="c", semantic=common_pb2.FloatVector()))
+    assert empty.semantic is not None
+    assert empty.semantic.shape == (0,)
+
+
+def test_scan_response_carries_vectors_and_signals() -> None:
+    rec = StoredRecord(
+        label=3,
+        id="s",
+        metadata={},
+        source_name="s.jpg",
+        semantic_head="h@1",
+        created_ms=5,
+        visual=np.array([1.0, 0.0], np.float32),
+        semantic=np.array([0.0, 1.0], np.float32),
+        feature_norm=7.75,
+        top_logits=((9, 3.5), (4, 2.25)),
+    )
+    msg = convert.scan_response(ScanPage(records=[rec], next_page_token="3.abc"))
+    assert msg.next_page_token == "3.abc"
+    (out,) = msg.records
+    assert (out.semantic_head, out.feature_norm) == ("h@1", 7.75)
+    assert [(c.class_index, c.logit) for c in out.top_logits] == [(9, 3.5), (4, 2.25)]
+    assert list(out.visual.values) == [1.0, 0.0]
+    assert list(out.semantic.values) == [0.0, 1.0]
 
 
 def test_stored_record_round_trip() -> None:

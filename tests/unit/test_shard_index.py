@@ -1,11 +1,14 @@
-"""ShardIndex: write semantics, exact search against brute force, head policy, durability and snapshots."""
+"""ShardIndex: write semantics, exact search against brute force, head policy, durability, snapshots, re-projection."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
+import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,8 +18,9 @@ import numpy as np
 import pytest
 
 from imgsearch.index import snapshot
-from imgsearch.index.core import RecordInput, ShardIndex, Space
+from imgsearch.index.core import RecordInput, SemanticInput, ShardIndex, Space
 from imgsearch.index.settings import IndexSettings
+from imgsearch.index.store import DB_NAME, StoredRecord
 from imgsearch.kit.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 
 VD, SD = 16, 8
@@ -54,6 +58,9 @@ class Truth:
         if rec.semantic is not None:
             self.semantic[rec.id] = (rec.semantic_head, rec.semantic / np.linalg.norm(rec.semantic.astype(np.float64)))
         self.meta[rec.id] = dict(rec.metadata)
+
+    def set_semantic(self, id_: str, head: str, vec: np.ndarray) -> None:
+        self.semantic[id_] = (head, vec / np.linalg.norm(vec.astype(np.float64)))
 
     def drop(self, id_: str) -> None:
         self.visual.pop(id_, None)
@@ -221,6 +228,16 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"metadata": {"k": "v" * 16384}}, "metadata is 16385 bytes, at most 16384"),
     ({"source_name": "s" * 4097}, "source_name has 4097 characters"),
     ({"created_unix_ms": -1}, "created_unix_ms must not be negative"),
+    ({"feature_norm": -0.5}, "feature_norm must be finite and not negative, got -0.5"),
+    ({"feature_norm": float("nan")}, "feature_norm must be finite and not negative, got nan"),
+    ({"feature_norm": float("inf")}, "feature_norm must be finite and not negative, got inf"),
+    ({"feature_norm": 1e39}, "feature_norm must be finite and not negative, got 1e+39"),
+    ({"top_logits": [(i, 1.0) for i in range(33)]}, "33 top_logits, at most 32 allowed"),
+    ({"top_logits": [(3, 1.0), (10000, 0.5)]}, "top_logits 1 has class_index 10000, expected 0..9999"),
+    ({"top_logits": [(-1, 1.0)]}, "top_logits 0 has class_index -1, expected 0..9999"),
+    ({"top_logits": [(7, 2.0), (7, 1.0)]}, "top_logits 1 repeats class_index 7"),
+    ({"top_logits": [(7, float("nan"))]}, "top_logits 0 (class_index 7) has logit nan"),
+    ({"top_logits": [(7, 1.0), (8, float("-inf"))]}, "top_logits 1 (class_index 8) has logit -inf"),
 ]
 
 
@@ -721,3 +738,470 @@ def test_a_snapshot_older_than_the_pruned_log_is_not_used(tmp_path: Path, rng: n
         assert_matches(idx, truth, rng, Space.SEMANTIC, HEAD, k=30)
     finally:
         idx.close(final_snapshot=False)
+
+
+# --- re-projection: feature norms, top logits, Scan and SetSemantic ---
+
+
+def signals(rng: np.random.Generator, n: int = 5) -> dict[str, Any]:
+    """A feature norm and top logits as the gateway sends them: float32 values, distinct classes, highest first."""
+    classes = rng.choice(1000, size=n, replace=False)
+    logits = np.sort(rng.normal(size=n).astype(np.float32) * 5)[::-1]
+    return {
+        "feature_norm": float(np.float32(rng.uniform(1, 40))),
+        "top_logits": [(int(c), float(v)) for c, v in zip(classes, logits, strict=True)],
+    }
+
+
+def signal_of(r: StoredRecord) -> tuple[float, list[tuple[int, float]]]:
+    return r.feature_norm, list(r.top_logits)
+
+
+def scan_all(idx: ShardIndex, page_size: int, skip: str = "") -> list[list[StoredRecord]]:
+    pages: list[list[StoredRecord]] = []
+    token = ""
+    while True:
+        page = idx.scan(page_size, token, skip)
+        pages.append(page.records)
+        token = page.next_page_token
+        if not token:
+            return pages
+
+
+def test_feature_norm_and_top_logits_round_trip(tmp_path: Path, rng: np.random.Generator) -> None:
+    idx = ShardIndex(settings(tmp_path / "s"))
+    sent: dict[str, tuple[float, list[tuple[int, float]]]] = {}
+    try:
+        records = [rec(rng, f"sig{i}", **signals(rng, 1 + i % 32)) for i in range(40)]
+        # The limits themselves are fine: 32 pairs, classes 0 and 9999, a zero norm (unknown), no logits at all.
+        edge = rec(
+            rng, "edge", feature_norm=0.0, top_logits=[(0, -3.5), (9999, 1e-3), *[(c, 0.0) for c in range(1, 31)]]
+        )
+        bare = rec(rng, "bare", head=None)
+        results = idx.upsert([*records, edge, bare])
+        assert [r.error for r in results] == [None] * 42
+        for r in [*records, edge, bare]:
+            sent[r.id] = (r.feature_norm, [(c, float(np.float32(v))) for c, v in r.top_logits])
+        assert sent["bare"] == (0.0, [])
+        idx.snapshot()
+        # After the snapshot: replaced (new signals), and replaced without any (an upsert replaces everything).
+        late = [rec(rng, f"sig{i}", **signals(rng, 3)) for i in range(5)] + [rec(rng, "sig5")]
+        idx.upsert(late)
+        for r in late:
+            sent[r.id] = (r.feature_norm, list(r.top_logits))
+        assert sent["sig5"] == (0.0, [])
+
+        def check(shard: ShardIndex) -> None:
+            found, missing = shard.get(list(sent), include_vectors=True)
+            assert missing == []
+            assert {r.id: signal_of(r) for r in found} == sent
+            # Without vectors, no signals either: they travel with the vectors.
+            plain, _ = shard.get(["sig0"])
+            assert signal_of(plain[0]) == (0.0, [])
+            scanned = [r for page in scan_all(shard, 7) for r in page]
+            assert {r.id: signal_of(r) for r in scanned} == sent
+
+        check(idx)
+        idx.close(final_snapshot=False)
+        idx = ShardIndex(settings(tmp_path / "s"))
+        assert (idx.load_report.mode, idx.load_report.replayed_changes) == ("snapshot", 6)
+        check(idx)
+        idx.close()
+        idx = ShardIndex(settings(tmp_path / "s"))
+        assert (idx.load_report.mode, idx.load_report.replayed_changes) == ("snapshot", 0)
+        check(idx)
+    finally:
+        idx.close(final_snapshot=False)
+
+
+def test_scan_pages_cover_every_record_exactly_once(shard: ShardIndex, rng: np.random.Generator) -> None:
+    truth = Truth()
+    fill(shard, truth, rng, 57)
+    shard.delete(["img3", "img20", "img56"])
+    # Replacements keep their place in the order; new ids come after the old ones.
+    replaced = [rec(rng, "img10", metadata={"v": "2"}), rec(rng, "extra")]
+    shard.upsert(replaced)
+    stored = [f"img{i}" for i in range(57) if i not in (3, 20, 56)] + ["extra"]
+    for size in (1, 7, 55, 100, 0, 1000):
+        pages = scan_all(shard, size)
+        per_page = size or 100
+        assert [r.id for page in pages for r in page] == stored, size
+        # Full pages up to the last, and no empty page after a full one (55 records fill exactly one page).
+        assert [len(p) for p in pages] == [min(per_page, len(stored) - i) for i in range(0, len(stored), per_page)]
+    (only,) = scan_all(shard, 1000)
+    found, _ = shard.get(stored, include_vectors=True)
+    for got, want in zip(only, found, strict=True):
+        assert (got.id, got.metadata, got.source_name, got.semantic_head, got.created_ms) == (
+            want.id,
+            want.metadata,
+            want.source_name,
+            want.semantic_head,
+            want.created_ms,
+        )
+        assert got.visual is not None and want.visual is not None
+        assert got.semantic is not None and want.semantic is not None
+        np.testing.assert_array_equal(got.visual, want.visual)
+        np.testing.assert_array_equal(got.semantic, want.semantic)
+    assert only[stored.index("img10")].metadata == {"v": "2"}
+    assert shard.scan(5, "", "").next_page_token != ""
+
+
+def test_scan_of_an_empty_shard_is_one_empty_page(shard: ShardIndex) -> None:
+    page = shard.scan()
+    assert (page.records, page.next_page_token) == ([], "")
+
+
+def test_scan_skips_the_records_of_a_head(shard: ShardIndex, rng: np.random.Generator) -> None:
+    # Interleaved, so that skipped records sit between the returned ones on every page.
+    records = [rec(rng, f"r{i}", head=[HEAD, "proj@2", None][i % 3]) for i in range(30)]
+    shard.upsert(records)
+    heads = {r.id: r.semantic_head or None for r in records}
+    for skip in (HEAD, "proj@2", "proj@9", ""):
+        for size in (1, 4, 1000):
+            got = [r.id for page in scan_all(shard, size, skip) for r in page]
+            assert got == [r.id for r in records if not skip or heads[r.id] != skip], (skip, size)
+    # The same skip resumes a re-projection: what was moved to the new head is not seen again.
+    page = shard.scan(4, "", "proj@2")
+    moved = [SemanticInput(r.id, rng.normal(size=SD).astype(np.float32), "proj@2") for r in page.records]
+    assert all(r.changed for r in shard.set_semantic(moved))
+    rest = [r.id for p in scan_all(shard, 4, "proj@2") for r in p]
+    assert rest == [r.id for r in records if heads[r.id] != "proj@2" and r.id not in {m.id for m in moved}]
+    assert len(rest) == 20 - 4
+
+
+def test_scan_rejects_bad_page_sizes_and_tokens(tmp_path: Path, rng: np.random.Generator) -> None:
+    idx = ShardIndex(settings(tmp_path / "s"))
+    other = ShardIndex(settings(tmp_path / "other"))
+    try:
+        fill(idx, Truth(), rng, 10)
+        fill(other, Truth(), rng, 10)
+        with pytest.raises(InvalidArgument, match=r"^page_size must be between 1 and 1000, got 1001$"):
+            idx.scan(1001)
+        token = idx.scan(3).next_page_token
+        label, mac = token.split(".")
+        foreign = other.scan(3).next_page_token
+        assert foreign.split(".")[0] == label  # same position, different shard
+        bad = [
+            "garbage",
+            label,
+            f"{label}.",
+            f"{int(label) + 1}.{mac}",
+            f"0{label}.{mac}",
+            f"{token}x",
+            f" {token}",
+            "\u00b2." + mac,
+            "9" * 40 + "." + mac,
+            foreign,
+        ]
+        for t in bad:
+            with pytest.raises(InvalidArgument, match="page_token was not issued by this shard"):
+                idx.scan(3, t)
+        assert [r.id for r in idx.scan(3, token).records] == ["img3", "img4", "img5"]
+        # Tokens stay valid across a restart, so an interrupted re-projection can go on where it was.
+        idx.close()
+        idx = ShardIndex(settings(tmp_path / "s"))
+        assert [r.id for r in idx.scan(100, token).records] == [f"img{i}" for i in range(3, 10)]
+    finally:
+        idx.close(final_snapshot=False)
+        other.close(final_snapshot=False)
+
+
+def test_set_semantic_moves_records_between_head_indexes(shard: ShardIndex, rng: np.random.Generator) -> None:
+    truth = Truth()
+    old = [rec(rng, f"old{i}", **signals(rng)) for i in range(40)]
+    bare = [rec(rng, f"bare{i}", head=None) for i in range(6)]
+    shard.upsert(old + bare)
+    for r in old + bare:
+        truth.put(r)
+    before = {r.id: r for r in shard.get([r.id for r in old + bare], include_vectors=True)[0]}
+    moving = [r.id for r in old[::3]] + ["bare0", "bare1"]
+    updates = [SemanticInput(i, rng.normal(size=SD).astype(np.float32) * 7, "proj@2") for i in moving]
+    results = shard.set_semantic(
+        [*updates[:5], SemanticInput("ghost", np.ones(SD, np.float32), "proj@2"), *updates[5:]]
+    )
+    assert [(r.id, r.changed, r.error is None) for r in results] == [
+        *[(u.id, True, True) for u in updates[:5]],
+        ("ghost", False, False),
+        *[(u.id, True, True) for u in updates[5:]],
+    ]
+    err = results[5].error
+    assert err is not None
+    assert err.code == grpc.StatusCode.NOT_FOUND
+    assert err.message == "update 5 ('ghost'): no record with this id"
+    assert shard.get(["ghost"])[1] == ["ghost"]
+    for u in updates:
+        assert u.semantic is not None
+        truth.set_semantic(u.id, "proj@2", u.semantic)
+    n_moved_old = len(old[::3])
+    assert shard.stats().semantic_heads == {HEAD: 40 - n_moved_old, "proj@2": len(updates)}
+    assert shard.stats().count == 46
+
+    assert_matches(shard, truth, rng, Space.SEMANTIC, "proj@2", k=30)
+    assert_matches(shard, truth, rng, Space.SEMANTIC, HEAD, k=50)
+    assert_matches(shard, truth, rng, Space.VISUAL, k=50)
+    # The old head's index no longer holds the moved records, even when asked for everything.
+    q = rng.normal(size=SD).astype(np.float32)
+    got = shard.search(Space.SEMANTIC, q, 1000, semantic_head=HEAD)
+    assert {h.id for h in got.hits} == {r.id for r in old} - set(moving)
+    assert got.searched == 40 - n_moved_old
+    for u in updates:
+        assert u.semantic is not None
+        (hit,) = shard.search(Space.SEMANTIC, u.semantic, 1, semantic_head="proj@2").hits
+        assert hit.id == u.id
+        assert hit.score == pytest.approx(1.0, abs=1e-5)
+
+    after = {r.id: r for r in shard.get(list(before), include_vectors=True)[0]}
+    for id_, was in before.items():
+        now = after[id_]
+        assert (now.label, now.metadata, now.source_name, now.created_ms) == (
+            was.label,
+            was.metadata,
+            was.source_name,
+            was.created_ms,
+        )
+        assert signal_of(now) == signal_of(was)
+        assert now.visual is not None and was.visual is not None
+        np.testing.assert_array_equal(now.visual, was.visual)
+        if id_ in moving:
+            assert now.semantic_head == "proj@2"
+            assert now.semantic is not None
+            np.testing.assert_allclose(now.semantic, truth.semantic[id_][1], atol=1e-6)
+        else:
+            assert now.semantic_head == was.semantic_head
+            if was.semantic is None:
+                assert now.semantic is None
+            else:
+                np.testing.assert_array_equal(now.semantic, was.semantic)
+
+    # Moving the rest empties the old head, which then disappears; a search naming it is refused.
+    rest = [SemanticInput(r.id, rng.normal(size=SD).astype(np.float32), "proj@2") for r in old if r.id not in moving]
+    assert all(r.changed for r in shard.set_semantic(rest))
+    for u in rest:
+        assert u.semantic is not None
+        truth.set_semantic(u.id, "proj@2", u.semantic)
+    assert shard.stats().semantic_heads == {"proj@2": 42}
+    assert_matches(shard, truth, rng, Space.SEMANTIC, "", k=50)
+    with pytest.raises(FailedPrecondition, match=f"none of head '{HEAD}'"):
+        shard.search(Space.SEMANTIC, q, 5, semantic_head=HEAD)
+    # Moved records are still whole records to later writes: their visual vectors go with a delete or replace.
+    shard.delete(["old0", "bare0"])
+    again = rec(rng, "old3", head=None)
+    shard.upsert([again])
+    for id_ in ("old0", "bare0"):
+        truth.drop(id_)
+    truth.put(again)
+    assert shard.stats().visual_count == 44
+    assert shard.stats().semantic_heads == {"proj@2": 39}
+    assert_matches(shard, truth, rng, Space.VISUAL, k=50)
+    assert_matches(shard, truth, rng, Space.SEMANTIC, "", k=50)
+
+
+BAD_UPDATES: list[tuple[dict[str, Any], str]] = [
+    ({"id": ""}, "update 1: id must not be empty"),
+    ({"id": "x" * 257}, "id has 257 characters, at most 256"),
+    ({"semantic": None}, "has no semantic vector"),
+    ({"semantic": np.ones(SD + 2, np.float32)}, f"semantic vector has {SD + 2} values, expected {SD}"),
+    ({"semantic": np.full(SD, np.nan, np.float32)}, "semantic vector contains NaN or infinite values"),
+    ({"semantic": np.zeros(SD, np.float32)}, "semantic vector is all zeros"),
+    ({"semantic_head": ""}, "semantic_head is required"),
+    ({"semantic_head": "h" * 257}, "semantic_head has 257 characters, at most 256"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), BAD_UPDATES, ids=[m for _, m in BAD_UPDATES])
+def test_a_bad_semantic_update_fails_alone(
+    shard: ShardIndex, rng: np.random.Generator, change: dict[str, Any], message: str
+) -> None:
+    shard.upsert([rec(rng, "a"), rec(rng, "b"), rec(rng, "c")])
+    base = {"id": "b", "semantic": rng.normal(size=SD).astype(np.float32), "semantic_head": "proj@2"}
+    good = [SemanticInput(i, rng.normal(size=SD).astype(np.float32), "proj@2") for i in ("a", "c")]
+    results = shard.set_semantic([good[0], SemanticInput(**{**base, **change}), good[1]])
+    assert [r.error is None for r in results] == [True, False, True]
+    err = results[1].error
+    assert err is not None
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in err.message
+    assert err.message.startswith("update 1")
+    assert [(r.id, r.semantic_head) for r in shard.get(["a", "b", "c"])[0]] == [
+        ("a", "proj@2"),
+        ("b", HEAD),
+        ("c", "proj@2"),
+    ]
+    assert shard.stats().semantic_heads == {HEAD: 1, "proj@2": 2}
+
+
+def test_set_semantic_batch_limit(tmp_path: Path, rng: np.random.Generator) -> None:
+    idx = ShardIndex(settings(tmp_path / "s", max_batch=4))
+    try:
+        fill(idx, Truth(), rng, 4)
+        too_many = [SemanticInput(f"img{i % 4}", rng.normal(size=SD).astype(np.float32), "proj@2") for i in range(5)]
+        with pytest.raises(ResourceExhausted, match="5 updates in one request, at most 4 allowed"):
+            idx.set_semantic(too_many)
+        assert idx.stats().semantic_heads == {HEAD: 4}
+        assert all(r.changed for r in idx.set_semantic(too_many[:4]))
+        assert idx.stats().semantic_heads == {"proj@2": 4}
+    finally:
+        idx.close(final_snapshot=False)
+
+
+def test_set_semantic_survives_reopen_snapshot_replay_and_rebuild(tmp_path: Path, rng: np.random.Generator) -> None:
+    truth = Truth()
+    idx = ShardIndex(settings(tmp_path / "s"))
+    ids = fill(idx, truth, rng, 60)
+    idx.snapshot()
+    late = rec(rng, "late")
+    idx.upsert([late])
+    truth.put(late)
+    # Twice for one id in one request: the second wins. Also an id upserted after the snapshot.
+    moving = [*ids[:20], "late"]
+    updates = [SemanticInput(i, rng.normal(size=SD).astype(np.float32), "proj@2") for i in moving]
+    updates.append(SemanticInput("img0", rng.normal(size=SD).astype(np.float32), "proj@3"))
+    assert all(r.changed for r in idx.set_semantic(updates))
+    for u in updates:
+        assert u.semantic is not None
+        truth.set_semantic(u.id, u.semantic_head, u.semantic)
+    heads = {HEAD: 40, "proj@2": 20, "proj@3": 1}
+    assert idx.stats().semantic_heads == heads
+    assert idx.stats().wal_entries == 1 + len(updates)
+    qs = [(s, q) for s, q in queries(rng) if s is Space.VISUAL]
+    before = answers(idx, qs)
+
+    def check(shard: ShardIndex) -> None:
+        assert shard.stats().semantic_heads == heads
+        assert answers(shard, qs) == before
+        for head in heads:
+            assert_matches(shard, truth, rng, Space.SEMANTIC, head, k=70, queries=3)
+        (img0,), _ = shard.get(["img0"], include_vectors=True)
+        assert img0.semantic_head == "proj@3"
+
+    idx.close(final_snapshot=False)
+    idx = ShardIndex(settings(tmp_path / "s"))
+    try:
+        assert (idx.load_report.mode, idx.load_report.replayed_changes) == ("snapshot", 1 + len(updates))
+        check(idx)
+    finally:
+        idx.close()
+    idx = ShardIndex(settings(tmp_path / "s"))
+    try:
+        assert (idx.load_report.mode, idx.load_report.replayed_changes) == ("snapshot", 0)
+        check(idx)
+    finally:
+        idx.close(final_snapshot=False)
+    shutil.rmtree(tmp_path / "s" / snapshot.SNAPSHOT_DIR)
+    idx = ShardIndex(settings(tmp_path / "s"))
+    try:
+        assert idx.load_report.mode == "rebuild"
+        check(idx)
+    finally:
+        idx.close(final_snapshot=False)
+
+
+# The schema as version 1 of store.py created it (git show 34aba55:services/index/imgsearch/index/store.py).
+V1_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS records (
+    label INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    has_visual INTEGER NOT NULL,
+    semantic_head TEXT,
+    metadata TEXT NOT NULL,
+    source_name TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS vectors (label INTEGER PRIMARY KEY, visual BLOB, semantic BLOB);
+CREATE TABLE IF NOT EXISTS changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    op TEXT NOT NULL,
+    label INTEGER NOT NULL,
+    id TEXT NOT NULL,
+    unix_ms INTEGER NOT NULL
+);
+"""
+
+
+def v1_database(directory: Path, records: Sequence[RecordInput], version: str = "1") -> str:
+    """A database as version 1 of the store wrote it (one upsert per record); returns its shard uuid."""
+    directory.mkdir(parents=True)
+    shard_uuid = uuid.uuid4().hex
+    db = sqlite3.connect(directory / DB_NAME)
+    with db:
+        db.executescript(V1_SCHEMA)
+        meta = {"schema_version": version, "shard_uuid": shard_uuid, "visual_dim": str(VD), "semantic_dim": str(SD)}
+        db.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", meta.items())
+        for n, r in enumerate(records):
+            ts = 1_700_000_000_000 + n
+            (label,) = db.execute(
+                "INSERT INTO records(id, has_visual, semantic_head, metadata, source_name, created_ms, updated_ms) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING label",
+                (
+                    r.id,
+                    int(r.visual is not None),
+                    r.semantic_head or None,
+                    json.dumps(r.metadata),
+                    r.source_name,
+                    ts,
+                    ts,
+                ),
+            ).fetchone()
+            blobs = [
+                None if v is None else (v / np.linalg.norm(v)).astype("<f4").tobytes() for v in (r.visual, r.semantic)
+            ]
+            db.execute("INSERT INTO vectors(label, visual, semantic) VALUES (?, ?, ?)", (label, *blobs))
+            db.execute("INSERT INTO changes(op, label, id, unix_ms) VALUES ('upsert', ?, ?, ?)", (label, r.id, ts))
+    db.close()
+    return shard_uuid
+
+
+def test_an_old_schema_database_is_upgraded_and_keeps_its_data(tmp_path: Path, rng: np.random.Generator) -> None:
+    truth = Truth()
+    records = [rec(rng, f"v1-{i}", head=HEAD if i % 4 else None) for i in range(30)]
+    for r in records:
+        truth.put(r)
+    shard_uuid = v1_database(tmp_path / "s", records)
+    idx = ShardIndex(settings(tmp_path / "s"))
+    try:
+        assert (idx.load_report.mode, idx.load_report.records) == ("rebuild", 30)
+        assert idx.stats().semantic_heads == {HEAD: 22}
+        assert_matches(idx, truth, rng, Space.VISUAL, k=40)
+        assert_matches(idx, truth, rng, Space.SEMANTIC, HEAD, k=40)
+        found, _ = idx.get([r.id for r in records], include_vectors=True)
+        assert [(r.id, r.created_ms, r.source_name, signal_of(r)) for r in found] == [
+            (r.id, 1_700_000_000_000 + n, r.source_name, (0.0, [])) for n, r in enumerate(records)
+        ]
+        assert sum(len(page) for page in scan_all(idx, 8)) == 30
+        # Old records take the new writes: signals on upsert, semantic replacement.
+        fresh = rec(rng, "v1-0", **signals(rng))
+        idx.upsert([fresh])
+        truth.put(fresh)
+        assert all(r.changed for r in idx.set_semantic([SemanticInput("v1-1", np.ones(SD, np.float32), "proj@2")]))
+        truth.set_semantic("v1-1", "proj@2", np.ones(SD, np.float32))
+    finally:
+        idx.close()
+    db = sqlite3.connect(tmp_path / "s" / DB_NAME)
+    meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+    columns = [row[1] for row in db.execute("PRAGMA table_info(vectors)")]
+    db.close()
+    assert (meta["schema_version"], meta["shard_uuid"]) == ("2", shard_uuid)
+    assert columns == ["label", "visual", "semantic", "feature_norm", "top_logits"]
+    idx = ShardIndex(settings(tmp_path / "s"))
+    try:
+        assert idx.load_report.mode == "snapshot"
+        assert idx.stats().count == 30
+        assert_matches(idx, truth, rng, Space.VISUAL, k=40)
+        assert_matches(idx, truth, rng, Space.SEMANTIC, HEAD, k=40)
+        assert_matches(idx, truth, rng, Space.SEMANTIC, "proj@2", k=5, queries=1)
+        (v10,), _ = idx.get(["v1-0"], include_vectors=True)
+        assert signal_of(v10) == (fresh.feature_norm, list(fresh.top_logits))
+    finally:
+        idx.close(final_snapshot=False)
+
+
+def test_a_database_of_an_unknown_schema_version_is_refused_untouched(tmp_path: Path, rng: np.random.Generator) -> None:
+    v1_database(tmp_path / "s", [rec(rng, "a")], version="3")
+    with pytest.raises(FailedPrecondition, match="has schema version 3, this server reads 1, 2"):
+        ShardIndex(settings(tmp_path / "s"))
+    db = sqlite3.connect(tmp_path / "s" / DB_NAME)
+    columns = [row[1] for row in db.execute("PRAGMA table_info(vectors)")]
+    db.close()
+    assert columns == ["label", "visual", "semantic"]

@@ -72,6 +72,28 @@ class Tag:
     added_unix_ms: int
 
 
+@dataclass(frozen=True)
+class HeadInfo:
+    name: str
+    version: str
+    kind: str
+    active: bool
+    metrics: dict[str, float]
+    image_model: str
+
+
+@dataclass(frozen=True)
+class HeadSwitch:
+    head: HeadInfo
+    previous: str
+    reprojected: int
+    failed_shards: list[str]
+
+
+def _head(h: gateway_pb2.HeadInfo) -> HeadInfo:
+    return HeadInfo(h.name, h.version, h.kind, h.active, dict(h.metrics), h.image_model)
+
+
 @dataclass
 class ImageToAdd:
     """An image for add_images: bytes, optional id (default: content hash), metadata, source name."""
@@ -217,3 +239,15 @@ class GatewayClient:
             token = r.next_page_token
             if not token:
                 return
+
+    # ---- heads ----------------------------------------------------------------------------------
+
+    def list_heads(self) -> list[HeadInfo]:
+        r = self._call(self.stub.ListHeads, gateway_pb2.ListHeadsRequest())
+        return [_head(h) for h in r.heads]
+
+    def activate_head(self, head: str, reproject: bool = True, timeout: float = 3600.0) -> HeadSwitch:
+        """Switch the projection head; by default re-projects every stored image (can take a while)."""
+        req = gateway_pb2.ActivateHeadRequest(head=head, skip_reprojection=not reproject)
+        r = self._call(self.stub.ActivateHead, req, timeout)
+        return HeadSwitch(_head(r.head), r.previous, r.reprojected, list(r.failed_shards))

@@ -134,6 +134,27 @@ def cmd_tags(args: argparse.Namespace, client: GatewayClient) -> int:
     return 0 if all(o.ok for o in outcomes) else 1
 
 
+def cmd_heads(args: argparse.Namespace, client: GatewayClient) -> int:
+    if args.action == "list":
+        heads = client.list_heads()
+        lines = []
+        for h in heads:
+            shown = ", ".join(f"{k}={v:.3g}" for k, v in sorted(h.metrics.items())[:6])
+            lines.append(f"{'*' if h.active else ' '} {h.name}@{h.version}  ({h.kind})  {shown}")
+        _emit(args, heads, "\n".join(lines))
+        return 0
+    if not args.head:
+        raise SystemExit("imgsearch: heads activate needs a head name, name@version or file")
+    switch = client.activate_head(args.head, reproject=not args.no_reproject)
+    text = (
+        f"active: {switch.head.name}@{switch.head.version} (was {switch.previous}); re-projected {switch.reprojected}"
+    )
+    if switch.failed_shards:
+        text += f"\nnot finished on {', '.join(switch.failed_shards)}: run the same command again to resume"
+    _emit(args, switch, text)
+    return 1 if switch.failed_shards else 0
+
+
 def cmd_delete(args: argparse.Namespace, client: GatewayClient) -> int:
     outcomes, partial = client.delete_images(args.ids)
     _emit(args, {"results": outcomes, "partial": partial}, _outcomes_text(outcomes, "deleted"))
@@ -184,6 +205,12 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("names", nargs="*")
     v.add_argument("--filter", choices=["all", "seen", "unseen"], default="all")
     v.set_defaults(func=cmd_tags)
+
+    h = sub.add_parser("heads", help="list or switch the projection heads")
+    h.add_argument("action", choices=["list", "activate"])
+    h.add_argument("head", nargs="?", help="for activate: name, name@version or head file on the tagger")
+    h.add_argument("--no-reproject", action="store_true", help="switch without moving stored images")
+    h.set_defaults(func=cmd_heads)
 
     d = sub.add_parser("delete", help="delete stored images by id")
     d.add_argument("ids", nargs="+")

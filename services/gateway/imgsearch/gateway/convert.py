@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 
 from imgsearch.common.v1 import common_pb2
-from imgsearch.gateway.core import AddResult, DeleteOutcome, NewImage, SearchResult
+from imgsearch.gateway.core import AddResult, DeleteOutcome, HeadSwitch, NewImage, SearchResult
 from imgsearch.gateway.peers import StoredRecord
 from imgsearch.gateway.v1 import gateway_pb2
 from imgsearch.kit.convert import item_error
+from imgsearch.tagger.v1 import tagger_pb2
 
 
 async def new_images(requests: AsyncIterator[gateway_pb2.AddImagesRequest]) -> AsyncIterator[NewImage]:
@@ -60,4 +61,23 @@ def meta(result: SearchResult) -> gateway_pb2.SearchMeta:
         shards_total=result.shards_total,
         space=result.space,  # type: ignore[arg-type]
         head=result.head,
+    )
+
+
+def head_info(h: tagger_pb2.Head) -> gateway_pb2.HeadInfo:
+    return gateway_pb2.HeadInfo(
+        name=h.name, version=h.version, kind=h.kind, active=h.active, metrics=dict(h.metrics), image_model=h.image_model
+    )
+
+
+def heads_response(r: tagger_pb2.ListHeadsResponse) -> gateway_pb2.ListHeadsResponse:
+    return gateway_pb2.ListHeadsResponse(heads=[head_info(h) for h in r.heads], active=r.active)
+
+
+def activate_response(switch: HeadSwitch) -> gateway_pb2.ActivateHeadResponse:
+    return gateway_pb2.ActivateHeadResponse(
+        head=head_info(switch.head),
+        previous=switch.previous,
+        reprojected=switch.reprojected,
+        failed_shards=switch.failed_shards,
     )

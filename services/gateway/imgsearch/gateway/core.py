@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 # Statuses a shard returns because the request itself is wrong: every shard would say the same,
 # so they fail the whole call instead of turning it into a partial result.
+TOP_LOGITS = 32
+REPROJECT_PAGE = 128
 _CALLER_ERRORS = {
     grpc.StatusCode.INVALID_ARGUMENT,
     grpc.StatusCode.FAILED_PRECONDITION,
@@ -77,9 +79,31 @@ class SearchResult:
 
 
 @dataclass
+class HeadSwitch:
+    head: tagger_pb2.Head
+    previous: str
+    reprojected: int = 0
+    failed_shards: list[str] = field(default_factory=list)
+
+
+@dataclass
 class DeleteOutcome:
     id: str
     error: ImgsearchError | None = None
+
+
+def top_logits(logits: Matrix, n: int = TOP_LOGITS) -> list[tuple[int, float]]:
+    """The n highest (class, logit) pairs: ConSE's top-T weights (T <= n) are exactly recoverable from them."""
+    top = np.argpartition(-logits, n - 1)[:n]
+    return [(int(i), float(logits[i])) for i in top[np.argsort(-logits[top])]]
+
+
+def dense_logits(pairs: Sequence[tuple[int, float]], classes: int) -> Matrix:
+    """Logits rebuilt from stored top pairs; the missing classes get a probability of zero after softmax."""
+    out = np.full(classes, -1e9, dtype=np.float32)
+    for i, v in pairs:
+        out[i] = v
+    return out
 
 
 def content_id(data: bytes) -> str:
@@ -194,10 +218,20 @@ class Gateway:
         features = np.stack([g[3] for g in good])
         logits = None if any(g[4] is None for g in good) else np.stack([g[4] for g in good if g[4] is not None])
         semantic, head = await self.tagger.project_images(features, logits, timeout)
-        visual = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+        norms = np.linalg.norm(features, axis=1)
+        visual = features / np.maximum(norms[:, None], 1e-12)
         by_shard: dict[str, list[tuple[int, NewRecord]]] = defaultdict(list)
         for row, (pos, image, image_id, _, _) in enumerate(good):
-            record = NewRecord(image_id, visual[row], semantic[row], head, image.metadata, image.source_name)
+            record = NewRecord(
+                image_id,
+                visual[row],
+                semantic[row],
+                head,
+                image.metadata,
+                image.source_name,
+                feature_norm=float(norms[row]),
+                top_logits=[] if logits is None else top_logits(logits[row]),
+            )
             by_shard[shard_for(image_id, self.shards).name].append((pos, record))
         shards = {s.name: s for s in self.shards}
 
@@ -369,3 +403,62 @@ class Gateway:
         if enc.error is not None or enc.features is None:
             raise enc.error or InvalidArgument("image could not be encoded")
         return await self.tagger.rank_tags(enc.features, enc.logits, k, tag_filter, timeout)
+
+    # ---- heads ----------------------------------------------------------------------------------
+
+    async def activate_head(self, spec: str, reproject: bool, timeout: Callable[[], float]) -> HeadSwitch:
+        """Switch the tagger's head, then move every stored image into the new head's semantic space.
+
+        Stored images keep their normalised features, feature norm and top ImageNet logits, so the new
+        head's projection is computed exactly as if the image had been added now. The index keeps one
+        space per head and searches only the query's head, so until a shard is done, text search sees
+        only its re-projected images, never a mix. Re-running resumes: done records are skipped.
+        """
+        if not spec.strip():
+            raise InvalidArgument("head is empty: give a name, name@version or a head file path")
+        resp = await self.tagger.activate_head(spec, timeout())
+        head_id = f"{resp.head.name}@{resp.head.version}"
+        switch = HeadSwitch(resp.head, resp.previous)
+        if not reproject:
+            return switch
+        classes = len((await self.encoder.model_info(timeout())).class_labels)
+        results = await asyncio.gather(
+            *(self._reproject_shard(s, head_id, classes, timeout) for s in self.shards), return_exceptions=True
+        )
+        for shard, res in zip(self.shards, results, strict=True):
+            if isinstance(res, ImgsearchError):
+                log.warning("re-projection incomplete", extra={"shard": shard.name, "error": res.message})
+                metrics.SHARD_ERRORS.labels(shard.name, _code(res)).inc()
+                switch.failed_shards.append(shard.name)
+            elif isinstance(res, BaseException):
+                raise res
+            else:
+                switch.reprojected += res
+        return switch
+
+    async def _reproject_shard(
+        self, shard: ShardClient, head_id: str, classes: int, timeout: Callable[[], float]
+    ) -> int:
+        done = 0
+        token = ""
+        while True:
+            records, token = await shard.scan(REPROJECT_PAGE, token, head_id, timeout())
+            usable = [r for r in records if r.visual.values]
+            if usable:
+                visual = np.stack([np.asarray(r.visual.values, dtype=np.float32) for r in usable])
+                norms = np.array([r.feature_norm or 1.0 for r in usable], dtype=np.float32)
+                features = visual * norms[:, None]
+                logits = None
+                if all(r.top_logits for r in usable):
+                    logits = np.stack(
+                        [dense_logits([(c.class_index, c.logit) for c in r.top_logits], classes) for r in usable]
+                    )
+                vectors, produced = await self.tagger.project_images(features, logits, timeout())
+                if produced != head_id:
+                    raise FailedPrecondition(f"the active head changed to {produced} during re-projection")
+                written = await shard.set_semantic(
+                    [(r.id, vectors[i]) for i, r in enumerate(usable)], head_id, timeout()
+                )
+                done += sum(1 for w in written if not w.HasField("error"))
+            if not token:
+                return done

@@ -37,6 +37,9 @@ class NewRecord:
     semantic_head: str
     metadata: dict[str, str] = field(default_factory=dict)
     source_name: str = ""
+    # Kept so a later head switch can re-project the image without its bytes.
+    feature_norm: float = 0.0
+    top_logits: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,18 @@ class TaggerClient:
         except grpc.RpcError as exc:
             raise peer_error(exc, self.peer) from None
 
+    async def list_heads(self, timeout: float) -> tagger_pb2.ListHeadsResponse:
+        try:
+            return await self.stub.ListHeads(tagger_pb2.ListHeadsRequest(), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise peer_error(exc, self.peer) from None
+
+    async def activate_head(self, head: str, timeout: float) -> tagger_pb2.ActivateHeadResponse:
+        try:
+            return await self.stub.ActivateHead(tagger_pb2.ActivateHeadRequest(head=head), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise peer_error(exc, self.peer) from None
+
     async def add_tags(self, tags: Sequence[str], timeout: float) -> tagger_pb2.AddTagsResponse:
         try:
             return await self.stub.AddTags(tagger_pb2.AddTagsRequest(tags=list(tags)), timeout=timeout)
@@ -156,6 +171,8 @@ class ShardClient:
                     metadata=r.metadata,
                     source_name=r.source_name,
                     semantic_head=r.semantic_head,
+                    feature_norm=r.feature_norm,
+                    top_logits=[index_pb2.ClassLogit(class_index=c, logit=v) for c, v in r.top_logits],
                 )
                 for r in records
             ]
@@ -196,6 +213,28 @@ class ShardClient:
             for r in resp.records
         ]
         return records, list(resp.missing_ids)
+
+    async def scan(
+        self, page_size: int, page_token: str, skip_head: str, timeout: float
+    ) -> tuple[list[index_pb2.Record], str]:
+        req = index_pb2.ScanRequest(page_size=page_size, page_token=page_token, skip_semantic_head=skip_head)
+        try:
+            resp = await self.stub.Scan(req, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise peer_error(exc, self.peer) from None
+        return list(resp.records), resp.next_page_token
+
+    async def set_semantic(
+        self, updates: Sequence[tuple[str, Matrix]], head: str, timeout: float
+    ) -> list[index_pb2.WriteResult]:
+        req = index_pb2.SetSemanticRequest(
+            updates=[index_pb2.SemanticUpdate(id=i, semantic=to_vector(v), semantic_head=head) for i, v in updates]
+        )
+        try:
+            resp = await self.stub.SetSemantic(req, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise peer_error(exc, self.peer) from None
+        return list(resp.results)
 
 
 def shard_for(image_id: str, shards: Sequence[ShardClient]) -> ShardClient:

@@ -19,7 +19,7 @@ from imgsearch.kit.server import ServiceApp, methods_of
 from imgsearch.kit.settings import load_settings
 
 Ctx = aio.ServicerContext[Any, Any]
-WRITE_METHODS = {"AddImages", "DeleteImages", "AddTags", "RemoveTags"}
+WRITE_METHODS = {"AddImages", "DeleteImages", "AddTags", "RemoveTags", "ActivateHead"}
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
@@ -85,6 +85,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             request.filter, request.page_size, request.page_token, self._timeout(context)
         )
         return gateway_pb2.ListTagsResponse(tags=r.tags, next_page_token=r.next_page_token, total=r.total)
+
+    async def ListHeads(self, request: gateway_pb2.ListHeadsRequest, context: Ctx) -> gateway_pb2.ListHeadsResponse:
+        return convert.heads_response(await self.gw.tagger.list_heads(self._timeout(context)))
+
+    async def ActivateHead(
+        self, request: gateway_pb2.ActivateHeadRequest, context: Ctx
+    ) -> gateway_pb2.ActivateHeadResponse:
+        switch = await self.gw.activate_head(
+            request.head, not request.skip_reprojection, lambda: self._timeout(context)
+        )
+        return convert.activate_response(switch)
 
 
 def build_app() -> tuple[ServiceApp, GatewaySettings]:

@@ -5,7 +5,17 @@ from __future__ import annotations
 import numpy as np
 
 from imgsearch.common.v1 import common_pb2
-from imgsearch.index.core import Hit, RecordInput, SearchResult, ShardStats, Space, Vector, WriteResult
+from imgsearch.index.core import (
+    Hit,
+    RecordInput,
+    ScanPage,
+    SearchResult,
+    SemanticInput,
+    ShardStats,
+    Space,
+    Vector,
+    WriteResult,
+)
 from imgsearch.index.store import StoredRecord
 from imgsearch.index.v1 import index_pb2
 from imgsearch.kit.convert import item_error, to_vector
@@ -40,6 +50,17 @@ def record_input(rec: index_pb2.Record) -> RecordInput:
         metadata=dict(rec.metadata),
         source_name=rec.source_name,
         created_unix_ms=rec.created_unix_ms,
+        feature_norm=rec.feature_norm,
+        top_logits=[(c.class_index, c.logit) for c in rec.top_logits],
+    )
+
+
+def semantic_input(update: index_pb2.SemanticUpdate) -> SemanticInput:
+    """A SemanticUpdate as given; the core validates it (so one bad update fails alone)."""
+    return SemanticInput(
+        id=update.id,
+        semantic=_array(update.semantic) if update.HasField("semantic") else None,
+        semantic_head=update.semantic_head,
     )
 
 
@@ -68,12 +89,18 @@ def record(rec: StoredRecord) -> index_pb2.Record:
         source_name=rec.source_name,
         semantic_head=rec.semantic_head or "",
         created_unix_ms=rec.created_ms,
+        feature_norm=rec.feature_norm,
+        top_logits=[index_pb2.ClassLogit(class_index=c, logit=v) for c, v in rec.top_logits],
     )
     if rec.visual is not None:
         out.visual.CopyFrom(to_vector(rec.visual))
     if rec.semantic is not None:
         out.semantic.CopyFrom(to_vector(rec.semantic))
     return out
+
+
+def scan_response(page: ScanPage) -> index_pb2.ScanResponse:
+    return index_pb2.ScanResponse(records=[record(r) for r in page.records], next_page_token=page.next_page_token)
 
 
 def stats_response(stats: ShardStats) -> index_pb2.StatsResponse:

@@ -18,6 +18,12 @@ Writes. Validate each record on its own (a bad one gets an error, the others go 
 request to SQLite in one fsynced transaction, then apply it to FAISS under a short exclusive lock. Writers
 are serialised by their own mutex, so the in-memory id map always equals SQLite once a write returns.
 
+Re-projection. When the operator switches the projection head, the gateway re-projects stored images without
+their bytes: Upsert keeps each image's raw-feature norm and top ImageNet logits next to its vectors, Scan pages
+through every record (by label, so it is stable under concurrent writes and resumable with skip_semantic_head),
+and SetSemantic replaces only the semantic vector and head of existing records, moving each from the old head's
+index to the new one's. SetSemantic is a write like any other: one fsynced transaction, logged for replay.
+
 Reads. Searches hold a shared lock while FAISS runs (FAISS releases the GIL, so searches run in parallel on
 CPU) and fetch hit metadata from SQLite afterwards: labels are never reused, so a hit's label still names the
 same id; a record deleted in between is dropped from the hits rather than returned stale.
@@ -32,11 +38,14 @@ full rebuild from SQLite, which holds every acknowledged write.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
@@ -46,13 +55,28 @@ import numpy.typing as npt
 from imgsearch.index import metrics, snapshot
 from imgsearch.index.indexes import INDEX_KINDS, VectorSpace, gpu_count
 from imgsearch.index.settings import IndexSettings
-from imgsearch.index.store import DeleteOp, Slot, Store, StoredRecord, UpsertOp, VectorChunk
+from imgsearch.index.store import DeleteOp, Op, SemanticOp, Slot, Store, StoredRecord, TopLogits, UpsertOp, VectorChunk
 from imgsearch.kit.convert import check_k
-from imgsearch.kit.errors import FailedPrecondition, ImgsearchError, InvalidArgument, ResourceExhausted, Unavailable
+from imgsearch.kit.errors import (
+    FailedPrecondition,
+    ImgsearchError,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 
 log = logging.getLogger(__name__)
 
 Vector = npt.NDArray[np.float32]
+
+# Limits of the contract (index.proto): top logits per record, ImageNet-style class indices (stored as int16).
+MAX_TOP_LOGITS = 32
+MAX_CLASS_INDEX = 9999
+# Scan page sizes (index.proto): 0 asks for the default.
+SCAN_DEFAULT_PAGE = 100
+SCAN_MAX_PAGE = 1000
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class Space(StrEnum):
@@ -72,6 +96,18 @@ class RecordInput:
     source_name: str = ""
     # 0: now for a new id, unchanged for a replacement. Set it to carry the time over (e.g. resharding).
     created_unix_ms: int = 0
+    # L2 norm of the raw CNN features (0: unknown) and the highest (class_index, logit) pairs, for re-projection.
+    feature_norm: float = 0.0
+    top_logits: Sequence[tuple[int, float]] = ()
+
+
+@dataclass(frozen=True)
+class SemanticInput:
+    """One update of a SetSemantic request, not yet validated."""
+
+    id: str
+    semantic: Vector | None
+    semantic_head: str
 
 
 @dataclass(frozen=True)
@@ -97,6 +133,13 @@ class SearchResult:
     space: Space
     # The semantic head searched (None for visual searches and empty shards).
     head: str | None
+
+
+@dataclass(frozen=True)
+class ScanPage:
+    records: list[StoredRecord]
+    # Empty when this was the last page.
+    next_page_token: str
 
 
 @dataclass(frozen=True)
@@ -183,11 +226,23 @@ def _join(heads: Sequence[str]) -> str:
     return ", ".join(repr(h) for h in sorted(heads))
 
 
+@dataclass(frozen=True)
+class _Target:
+    """What a label holds once a batch is applied."""
+
+    id: str
+    # keep_visual: a semantic-only change, the indexed visual vector (if any) stays where it is.
+    keep_visual: bool
+    visual: Vector | None
+    semantic_head: str | None
+    semantic: Vector | None
+
+
 @dataclass
 class _Apply:
     """A committed write, resolved to its effect on the in-memory state."""
 
-    final: dict[int, UpsertOp | None]
+    final: dict[int, _Target | None]
     changed: list[bool]
     last_seq: int
     changes: int
@@ -227,7 +282,7 @@ class ShardIndex:
         self._publish()
         metrics.SNAPSHOT_AGE.labels(self.shard).set_function(self.snapshot_age_seconds)
         # Zero-valued series from the start, so dashboards and rate() see them before traffic.
-        for op in ("upsert", "delete"):
+        for op in ("upsert", "delete", "set_semantic"):
             metrics.WRITES.labels(self.shard, op)
         for space in Space:
             metrics.SEARCH_SECONDS.labels(self.shard, space.value, self.kind.name)
@@ -390,6 +445,9 @@ class ShardIndex:
             )
         if rec.created_unix_ms < 0:
             raise InvalidArgument(f"{where}: created_unix_ms must not be negative, got {rec.created_unix_ms}")
+        # Both go back out as float32 (proto float): a finite value beyond its range would come back infinite.
+        if not (math.isfinite(rec.feature_norm) and 0.0 <= rec.feature_norm <= _FLOAT32_MAX):
+            raise InvalidArgument(f"{where}: feature_norm must be finite and not negative, got {rec.feature_norm}")
         return UpsertOp(
             id=rec.id,
             visual=visual,
@@ -398,7 +456,43 @@ class ShardIndex:
             metadata=dict(rec.metadata),
             source_name=rec.source_name,
             created_ms=rec.created_unix_ms,
+            feature_norm=float(rec.feature_norm),
+            top_logits=self._check_top_logits(rec.top_logits, where),
         )
+
+    @staticmethod
+    def _check_top_logits(pairs: Sequence[tuple[int, float]], where: str) -> TopLogits:
+        if len(pairs) > MAX_TOP_LOGITS:
+            raise InvalidArgument(f"{where}: {len(pairs)} top_logits, at most {MAX_TOP_LOGITS} allowed")
+        seen: set[int] = set()
+        out: list[tuple[int, float]] = []
+        for n, (class_index, logit) in enumerate(pairs):
+            if not 0 <= class_index <= MAX_CLASS_INDEX:
+                raise InvalidArgument(
+                    f"{where}: top_logits {n} has class_index {class_index}, expected 0..{MAX_CLASS_INDEX}"
+                )
+            # A class twice would make the dense logits rebuilt from these pairs depend on their order.
+            if class_index in seen:
+                raise InvalidArgument(f"{where}: top_logits {n} repeats class_index {class_index}")
+            if not (math.isfinite(logit) and abs(logit) <= _FLOAT32_MAX):
+                raise InvalidArgument(f"{where}: top_logits {n} (class_index {class_index}) has logit {logit}")
+            seen.add(class_index)
+            out.append((int(class_index), float(logit)))
+        return tuple(out)
+
+    def _validate_semantic(self, i: int, update: SemanticInput) -> SemanticOp:
+        s = self.settings
+        self._check_id(update.id, f"update {i}")
+        where = f"update {i} ({update.id!r})"
+        if update.semantic is None:
+            raise InvalidArgument(f"{where}: has no semantic vector")
+        semantic = _unit(update.semantic, s.semantic_dim, f"{where}: semantic vector")
+        head = update.semantic_head
+        if not head:
+            raise InvalidArgument(f"{where}: semantic_head is required (name@version of the projection head)")
+        if len(head) > s.max_id_length:
+            raise InvalidArgument(f"{where}: semantic_head has {len(head)} characters, at most {s.max_id_length}")
+        return SemanticOp(id=update.id, semantic=semantic, semantic_head=head)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -417,7 +511,7 @@ class ShardIndex:
         self._check_open()
         self._check_batch(len(records), "records")
         results: list[WriteResult | None] = [None] * len(records)
-        ops: list[UpsertOp | DeleteOp] = []
+        ops: list[Op] = []
         where: list[int] = []
         for i, rec in enumerate(records):
             try:
@@ -435,7 +529,7 @@ class ShardIndex:
         self._check_open()
         self._check_batch(len(ids), "ids")
         results: list[WriteResult | None] = [None] * len(ids)
-        ops: list[UpsertOp | DeleteOp] = []
+        ops: list[Op] = []
         where: list[int] = []
         for i, id_ in enumerate(ids):
             try:
@@ -450,7 +544,35 @@ class ShardIndex:
         metrics.WRITES.labels(self.shard, "delete").inc(sum(changed))
         return [r for r in results if r is not None]
 
-    def _write(self, ops: Sequence[UpsertOp | DeleteOp]) -> list[bool]:
+    def set_semantic(self, updates: Sequence[SemanticInput]) -> list[WriteResult]:
+        """Replace the semantic vector and head of stored records; an id not stored fails alone with NOT_FOUND.
+
+        Nothing else of a record changes (visual vector, metadata, source, creation time, re-projection
+        signals). changed=True for every update applied.
+        """
+        self._check_open()
+        self._check_batch(len(updates), "updates")
+        results: list[WriteResult | None] = [None] * len(updates)
+        ops: list[Op] = []
+        where: list[int] = []
+        for i, update in enumerate(updates):
+            try:
+                ops.append(self._validate_semantic(i, update))
+                where.append(i)
+            except ImgsearchError as exc:
+                results[i] = WriteResult(id=update.id, error=exc)
+        applied = self._write(ops)
+        for i, found in zip(where, applied, strict=True):
+            id_ = updates[i].id
+            if found:
+                results[i] = WriteResult(id=id_, changed=True)
+            else:
+                # Deleted since the caller read it (e.g. between a Scan page and this update): nothing to replace.
+                results[i] = WriteResult(id=id_, error=NotFound(f"update {i} ({id_!r}): no record with this id"))
+        metrics.WRITES.labels(self.shard, "set_semantic").inc(sum(applied))
+        return [r for r in results if r is not None]
+
+    def _write(self, ops: Sequence[Op]) -> list[bool]:
         if not ops:
             return []
         with self._write_mutex:
@@ -464,9 +586,12 @@ class ShardIndex:
             self._wake.set()
         return plan.changed
 
-    def _resolve(self, ops: Sequence[UpsertOp | DeleteOp], labels: list[int | None], last_seq: int) -> _Apply:
-        """Net effect of a committed batch (later ops on the same id win) and per-op 'changed' flags."""
-        final: dict[int, UpsertOp | None] = {}
+    def _resolve(self, ops: Sequence[Op], labels: list[int | None], last_seq: int) -> _Apply:
+        """Net effect of a committed batch (later ops on the same id win) and per-op 'changed' flags.
+
+        'changed': upsert, the id is new; delete and set_semantic, the id existed.
+        """
+        final: dict[int, _Target | None] = {}
         seen: dict[str, int | None] = {}
         changed: list[bool] = []
         changes = 0
@@ -476,8 +601,15 @@ class ShardIndex:
                 assert label is not None
                 changed.append(prior is None)
                 seen[op.id] = label
-                final[label] = op
+                final[label] = _Target(op.id, False, op.visual, op.semantic_head, op.semantic)
                 changes += 1
+            elif isinstance(op, SemanticOp):
+                changed.append(label is not None)
+                if label is not None:
+                    # On top of an upsert earlier in this batch, or of what the label holds now.
+                    base = final.get(label) or _Target(op.id, True, None, None, None)
+                    final[label] = replace(base, semantic_head=op.semantic_head, semantic=op.semantic)
+                    changes += 1
             else:
                 changed.append(label is not None)
                 if label is not None:
@@ -492,21 +624,29 @@ class ShardIndex:
         drop_heads: dict[str, list[int]] = {}
         add_visual: tuple[list[int], list[Vector]] = ([], [])
         add_heads: dict[str, tuple[list[int], list[Vector]]] = {}
-        for label, op in plan.final.items():
+        slots: dict[int, Slot] = {}
+        for label, target in plan.final.items():
             old = self._slots.get(label)
+            keep_visual = target is not None and target.keep_visual
             if old is not None:
-                if old.has_visual:
+                if old.has_visual and not keep_visual:
                     drop_visual.append(label)
                 if old.semantic_head is not None:
                     drop_heads.setdefault(old.semantic_head, []).append(label)
-            if op is not None:
-                if op.visual is not None:
+            if target is None:
+                continue
+            if keep_visual:
+                has_visual = old is not None and old.has_visual
+            else:
+                has_visual = target.visual is not None
+                if target.visual is not None:
                     add_visual[0].append(label)
-                    add_visual[1].append(op.visual)
-                if op.semantic is not None and op.semantic_head is not None:
-                    group = add_heads.setdefault(op.semantic_head, ([], []))
-                    group[0].append(label)
-                    group[1].append(op.semantic)
+                    add_visual[1].append(target.visual)
+            if target.semantic is not None and target.semantic_head is not None:
+                group = add_heads.setdefault(target.semantic_head, ([], []))
+                group[0].append(label)
+                group[1].append(target.semantic)
+            slots[label] = Slot(target.id, has_visual, target.semantic_head)
         with self._lock.write():
             self._visual.remove(np.asarray(drop_visual, np.int64))
             for head, labels in drop_heads.items():
@@ -525,10 +665,9 @@ class ShardIndex:
                 old = self._slots.pop(label, None)
                 if old is not None and self._ids.get(old.id) == label:
                     del self._ids[old.id]
-            for label, op in plan.final.items():
-                if op is not None:
-                    self._slots[label] = Slot(op.id, op.visual is not None, op.semantic_head)
-                    self._ids[op.id] = label
+            for label, slot in slots.items():
+                self._slots[label] = slot
+                self._ids[slot.id] = label
             self._applied_seq = plan.last_seq
             self._wal += plan.changes
             self._publish_locked()
@@ -602,6 +741,42 @@ class ShardIndex:
         self._check_batch(len(ids), "ids")
         found = self._store.fetch_ids(ids, include_vectors)
         return [found[i] for i in ids if i in found], [i for i in ids if i not in found]
+
+    def scan(self, page_size: int = 0, page_token: str = "", skip_semantic_head: str = "") -> ScanPage:
+        """One page of stored records with vectors and re-projection signals, in a stable order (by label).
+
+        Records whose semantic head is skip_semantic_head are left out, so a re-projection that stopped part
+        way can start again from the first page and only see what is left.
+        """
+        self._check_open()
+        if page_size > SCAN_MAX_PAGE or page_size < 0:
+            raise InvalidArgument(f"page_size must be between 1 and {SCAN_MAX_PAGE}, got {page_size}")
+        size = page_size or SCAN_DEFAULT_PAGE
+        after = self._page_position(page_token) if page_token else 0
+        # One more than asked: a page that ends exactly at the last record then says there is no next page.
+        records = self._store.scan(after, size + 1, skip_semantic_head)
+        if len(records) <= size:
+            return ScanPage(records=records, next_page_token="")
+        records = records[:size]
+        return ScanPage(records=records, next_page_token=self._page_token(records[-1].label))
+
+    def _page_mac(self, label: int) -> str:
+        # Keyed by the shard's uuid: a token of another shard (or a mangled one) fails instead of silently
+        # skipping or repeating records. Tokens stay valid across restarts, so a re-projection can resume.
+        key = self._store.shard_uuid.encode()
+        return hmac.new(key, f"scan:{label}".encode(), hashlib.sha256).hexdigest()[:16]
+
+    def _page_token(self, label: int) -> str:
+        return f"{label}.{self._page_mac(label)}"
+
+    def _page_position(self, token: str) -> int:
+        label = token.partition(".")[0]
+        # Labels are positive int64s; the whole token is rebuilt and compared, so only the exact form issued passes.
+        if label.isascii() and label.isdigit() and len(label) <= 19:
+            issued = self._page_token(int(label))
+            if hmac.compare_digest(issued.encode(), token.encode()):
+                return int(label)
+        raise InvalidArgument("page_token was not issued by this shard; start again with an empty page_token")
 
     def stats(self) -> ShardStats:
         with self._lock.read():

@@ -22,5 +22,7 @@ WAL_ENTRIES = Gauge(
     "imgsearch_index_wal_entries", "Changes stored in SQLite but not yet in a FAISS snapshot.", ("shard",)
 )
 WRITES = Counter(
-    "imgsearch_index_writes_total", "Records written: upserts stored and deletes of existing ids.", ("shard", "op")
+    "imgsearch_index_writes_total",
+    "Records written: upserts stored, deletes of existing ids, semantic vectors replaced (op=set_semantic).",
+    ("shard", "op"),
 )

@@ -55,6 +55,19 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
         found, missing = await asyncio.to_thread(core.get, list(request.ids), request.include_vectors)
         return index_pb2.GetResponse(records=[convert.record(r) for r in found], missing_ids=missing)
 
+    async def Scan(self, request: index_pb2.ScanRequest, context: Context) -> index_pb2.ScanResponse:
+        core = self._core()
+        page = await asyncio.to_thread(core.scan, request.page_size, request.page_token, request.skip_semantic_head)
+        return convert.scan_response(page)
+
+    async def SetSemantic(
+        self, request: index_pb2.SetSemanticRequest, context: Context
+    ) -> index_pb2.SetSemanticResponse:
+        core = self._core()
+        updates = [convert.semantic_input(u) for u in request.updates]
+        results = await asyncio.to_thread(core.set_semantic, updates)
+        return index_pb2.SetSemanticResponse(results=[convert.write_result(r) for r in results])
+
     async def Stats(self, request: index_pb2.StatsRequest, context: Context) -> index_pb2.StatsResponse:
         stats = await asyncio.to_thread(self._core().stats)
         return convert.stats_response(stats)

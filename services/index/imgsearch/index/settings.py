@@ -31,7 +31,9 @@ class IndexSettings(ServerSettings):
     search_threads: int = Field(1, ge=0, description="OpenMP threads per CPU search; 0: FAISS's default (all cores)")
 
     max_k: int = Field(1000, ge=1, le=100_000, description="largest k a search may ask for")
-    max_batch: int = Field(1000, ge=1, description="most records (or ids) per Upsert, Delete or Get request")
+    max_batch: int = Field(
+        1000, ge=1, description="most records, ids or updates per Upsert, Delete, Get or SetSemantic request"
+    )
     max_exclude_ids: int = Field(1000, ge=0, description="most exclude_ids per Search request")
     max_id_length: int = Field(256, ge=1, description="longest id (and semantic_head), in characters")
     max_metadata_entries: int = Field(64, ge=0, description="most metadata entries per record")

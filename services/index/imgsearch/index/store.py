@@ -1,37 +1,51 @@
 """The shard's source of truth: records, vectors and a change log in SQLite (WAL journal, synchronous=FULL).
 
-Every Upsert or Delete request is one transaction, committed (and fsynced) before the response is sent, so an
-acknowledged write survives a SIGKILL or a power cut. FAISS holds only derived state, rebuilt from here.
+Every Upsert, Delete or SetSemantic request is one transaction, committed (and fsynced) before the response is
+sent, so an acknowledged write survives a SIGKILL or a power cut. FAISS holds only derived state, rebuilt from here.
 
 Tables:
 - records: label (int64 FAISS id, never reused: AUTOINCREMENT) <-> string id, plus head, metadata, source.
   A replaced id keeps its label, so label -> id never changes while the id exists.
-- vectors: the normalised float32 vectors per label, apart from records so that loading the id map at start
-  does not read the vector pages.
-- changes: one row per applied upsert or delete (seq AUTOINCREMENT, monotonic). A FAISS snapshot records the
-  last seq it contains; on start only rows after it are replayed. Rows up to a durable snapshot are pruned.
-- meta: the shard's uuid (snapshots must belong to this database), the dimensions it was created with, and
-  the seq the change log is pruned up to (an older snapshot could not be brought up to date).
+- vectors: the normalised float32 vectors per label, plus what re-projecting into a new semantic head needs
+  without the image: the raw features' L2 norm and the top ImageNet logits (a BLOB of n little-endian int16
+  class indices followed by n float32 logits; NULL for none). Apart from records so that loading the id map at
+  start does not read these pages.
+- changes: one row per applied upsert, delete or semantic replacement (seq AUTOINCREMENT, monotonic). A FAISS
+  snapshot records the last seq it contains; on start only rows after it are replayed. Rows up to a durable
+  snapshot are pruned.
+- meta: the schema version, the shard's uuid (snapshots must belong to this database), the dimensions it was
+  created with, and the seq the change log is pruned up to (an older snapshot could not be brought up to date).
+
+Schema versions: 1 had no feature_norm / top_logits columns; opening it adds them (0 and NULL for the rows
+already stored, i.e. "unknown") in the same transaction that records version 2, so nothing stored is rewritten.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from imgsearch.kit.errors import FailedPrecondition, ImgsearchError, ResourceExhausted, Unavailable
 
+log = logging.getLogger(__name__)
+
 DB_NAME = "index.sqlite3"
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
+# Versions this code opens, upgrading them to SCHEMA_VERSION.
+_KNOWN_VERSIONS = ("1", SCHEMA_VERSION)
+# Columns added by version 2, with the values rows stored before it get (ALTER TABLE ADD COLUMN needs a constant).
+_V2_COLUMNS = {"feature_norm": "REAL NOT NULL DEFAULT 0", "top_logits": "BLOB"}
 # SQLite's default limit on host parameters is 32766 since 3.32; stay far below it.
 _IN_CHUNK = 500
 
@@ -47,7 +61,13 @@ CREATE TABLE IF NOT EXISTS records (
     created_ms INTEGER NOT NULL,
     updated_ms INTEGER NOT NULL
 );
-CREATE TABLE IF NOT EXISTS vectors (label INTEGER PRIMARY KEY, visual BLOB, semantic BLOB);
+CREATE TABLE IF NOT EXISTS vectors (
+    label INTEGER PRIMARY KEY,
+    visual BLOB,
+    semantic BLOB,
+    feature_norm REAL NOT NULL DEFAULT 0,
+    top_logits BLOB
+);
 CREATE TABLE IF NOT EXISTS changes (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     op TEXT NOT NULL,
@@ -56,6 +76,10 @@ CREATE TABLE IF NOT EXISTS changes (
     unix_ms INTEGER NOT NULL
 );
 """
+
+
+# (class_index, logit) pairs, highest logit first as the caller gave them.
+TopLogits = tuple[tuple[int, float], ...]
 
 
 def now_ms() -> int:
@@ -74,11 +98,25 @@ class UpsertOp:
     source_name: str
     # 0: keep the stored creation time on replace, now on insert.
     created_ms: int = 0
+    feature_norm: float = 0.0
+    top_logits: TopLogits = ()
 
 
 @dataclass(frozen=True)
 class DeleteOp:
     id: str
+
+
+@dataclass(frozen=True)
+class SemanticOp:
+    """A validated replacement of one record's semantic vector and head; the rest of the record stays."""
+
+    id: str
+    semantic: npt.NDArray[np.float32]
+    semantic_head: str
+
+
+Op = UpsertOp | DeleteOp | SemanticOp
 
 
 @dataclass(frozen=True)
@@ -100,6 +138,9 @@ class StoredRecord:
     created_ms: int
     visual: npt.NDArray[np.float32] | None = None
     semantic: npt.NDArray[np.float32] | None = None
+    # Read with the vectors only (0 and empty otherwise, as for records stored before schema version 2).
+    feature_norm: float = 0.0
+    top_logits: TopLogits = ()
 
 
 @dataclass
@@ -113,7 +154,7 @@ class VectorChunk:
 
 @dataclass(frozen=True)
 class WriteOutcome:
-    """Per op: the label written or deleted (None: deleted id did not exist); and the last change seq."""
+    """Per op: the label written, deleted or updated (None: the id did not exist); and the last change seq."""
 
     labels: list[int | None]
     last_seq: int
@@ -132,6 +173,25 @@ def _blob(vec: npt.NDArray[np.float32] | None) -> bytes | None:
 
 def _vec(blob: bytes | None) -> npt.NDArray[np.float32] | None:
     return None if blob is None else np.frombuffer(blob, dtype="<f4").astype(np.float32)
+
+
+def _logits_blob(pairs: TopLogits) -> bytes | None:
+    if not pairs:
+        return None
+    classes = np.array([c for c, _ in pairs], dtype="<i2")
+    logits = np.array([v for _, v in pairs], dtype="<f4")
+    return classes.tobytes() + logits.tobytes()
+
+
+def _top_logits(blob: bytes | None) -> TopLogits:
+    if not blob:
+        return ()
+    if len(blob) % 6:
+        raise FailedPrecondition(f"a stored top_logits value has {len(blob)} bytes, not a multiple of 6")
+    n = len(blob) // 6
+    classes = np.frombuffer(blob, dtype="<i2", count=n).tolist()
+    logits = np.frombuffer(blob, dtype="<f4", count=n, offset=2 * n).tolist()
+    return tuple(zip(classes, logits, strict=True))
 
 
 def _chunks(items: Sequence[int], size: int = _IN_CHUNK) -> Iterator[Sequence[int]]:
@@ -156,6 +216,7 @@ class Store:
         self._readers_lock = threading.Lock()
 
     def _init_meta(self, visual_dim: int, semantic_dim: int) -> str:
+        """Create the meta rows of a new database, or check an existing one and upgrade its schema."""
         wanted = {"visual_dim": str(visual_dim), "semantic_dim": str(semantic_dim)}
         self._db.execute("BEGIN IMMEDIATE")
         try:
@@ -163,20 +224,41 @@ class Store:
             if not stored:
                 stored = {"schema_version": SCHEMA_VERSION, "shard_uuid": uuid.uuid4().hex, **wanted}
                 self._db.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", stored.items())
+            # Checked before upgrading, so that a refused start leaves the database exactly as it was.
+            version = stored.get("schema_version")
+            if version not in _KNOWN_VERSIONS:
+                raise FailedPrecondition(
+                    f"{self.path} has schema version {version}, this server reads {', '.join(_KNOWN_VERSIONS)}"
+                )
+            for key, value in wanted.items():
+                if stored.get(key) != value:
+                    # Refusing to start is the only safe answer: mixing dimensions would corrupt the shard.
+                    raise FailedPrecondition(
+                        f"{self.path} was created with {key}={stored.get(key)}, but the settings say {value}; "
+                        "use the original dimensions or a new data_dir"
+                    )
+            self._upgrade(version)
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
-        for key, value in wanted.items():
-            if stored.get(key) != value:
-                # Refusing to start is the only safe answer: mixing dimensions would corrupt the shard.
-                raise FailedPrecondition(
-                    f"{self.path} was created with {key}={stored.get(key)}, but the settings say {value}; "
-                    "use the original dimensions or a new data_dir"
-                )
-        if stored.get("schema_version") != SCHEMA_VERSION:
-            raise FailedPrecondition(f"{self.path} has schema version {stored.get('schema_version')}, expected 1")
         return stored["shard_uuid"]
+
+    def _upgrade(self, version: str | None) -> None:
+        """Bring an older schema to SCHEMA_VERSION (inside the caller's transaction: all or nothing)."""
+        # By the columns present rather than the version alone: a version-1 database whose tables were created
+        # but whose meta rows were not (a crash in between) is indistinguishable from a new one by its meta.
+        have = {str(row[1]) for row in self._db.execute("PRAGMA table_info(vectors)")}
+        added = [name for name in _V2_COLUMNS if name not in have]
+        for name in added:
+            self._db.execute(f"ALTER TABLE vectors ADD COLUMN {name} {_V2_COLUMNS[name]}")
+        if version != SCHEMA_VERSION:
+            self._db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (SCHEMA_VERSION,))
+        if added or version != SCHEMA_VERSION:
+            log.info(
+                "database schema upgraded",
+                extra={"path": str(self.path), "from": version, "to": SCHEMA_VERSION, "added_columns": added},
+            )
 
     def _reader(self) -> sqlite3.Connection:
         """This thread's read-only connection (WAL readers never block the writer)."""
@@ -198,7 +280,7 @@ class Store:
 
     # --- writes (one transaction per call) ---
 
-    def write(self, ops: Sequence[UpsertOp | DeleteOp]) -> WriteOutcome:
+    def write(self, ops: Sequence[Op]) -> WriteOutcome:
         """Apply the ops in order in one committed transaction."""
         db = self._db
         ts = now_ms()
@@ -209,13 +291,29 @@ class Store:
                 if isinstance(op, UpsertOp):
                     label = self._upsert(op, ts)
                     db.execute(
-                        "INSERT OR REPLACE INTO vectors(label, visual, semantic) VALUES (?, ?, ?)",
-                        (label, _blob(op.visual), _blob(op.semantic)),
+                        "INSERT OR REPLACE INTO vectors(label, visual, semantic, feature_norm, top_logits) "
+                        "VALUES (?, ?, ?, ?, ?)",
+                        (label, _blob(op.visual), _blob(op.semantic), op.feature_norm, _logits_blob(op.top_logits)),
                     )
                     db.execute(
                         "INSERT INTO changes(op, label, id, unix_ms) VALUES ('upsert', ?, ?, ?)", (label, op.id, ts)
                     )
                     labels.append(label)
+                elif isinstance(op, SemanticOp):
+                    row = db.execute(
+                        "UPDATE records SET semantic_head = ?, updated_ms = ? WHERE id = ? RETURNING label",
+                        (op.semantic_head, ts, op.id),
+                    ).fetchone()
+                    if row is None:
+                        labels.append(None)
+                        continue
+                    db.execute("UPDATE vectors SET semantic = ? WHERE label = ?", (_blob(op.semantic), row[0]))
+                    # Replay re-reads every vector of a touched label, which moves it to the new head's index.
+                    db.execute(
+                        "INSERT INTO changes(op, label, id, unix_ms) VALUES ('set_semantic', ?, ?, ?)",
+                        (row[0], op.id, ts),
+                    )
+                    labels.append(int(row[0]))
                 else:
                     row = db.execute("DELETE FROM records WHERE id = ? RETURNING label", (op.id,)).fetchone()
                     if row is None:
@@ -339,11 +437,6 @@ class Store:
         if not values:
             return []
         conn = self._reader()
-        cols = "r.label, r.id, r.metadata, r.source_name, r.semantic_head, r.created_ms"
-        join = ""
-        if include_vectors:
-            cols += ", v.visual, v.semantic"
-            join = "LEFT JOIN vectors v ON v.label = r.label "
         out: list[StoredRecord] = []
         # One read transaction, so that a request split into chunks still sees one state of the shard.
         conn.execute("BEGIN")
@@ -351,21 +444,56 @@ class Store:
             for start in range(0, len(values), _IN_CHUNK):
                 part = tuple(values[start : start + _IN_CHUNK])
                 rows = conn.execute(
-                    f"SELECT {cols} FROM records r {join}WHERE r.{key} IN ({','.join('?' * len(part))})", part
+                    f"{_select(include_vectors)} WHERE r.{key} IN ({','.join('?' * len(part))})", part
                 ).fetchall()
-                out.extend(
-                    StoredRecord(
-                        label=int(row[0]),
-                        id=row[1],
-                        metadata=json.loads(row[2]),
-                        source_name=row[3],
-                        semantic_head=row[4],
-                        created_ms=int(row[5]),
-                        visual=_vec(row[6]) if include_vectors else None,
-                        semantic=_vec(row[7]) if include_vectors else None,
-                    )
-                    for row in rows
-                )
+                out.extend(_record(row) for row in rows)
         finally:
             conn.execute("COMMIT")
         return out
+
+    def scan(self, after_label: int, limit: int, skip_head: str = "") -> list[StoredRecord]:
+        """Up to `limit` records with labels above `after_label`, in label order, with their vectors.
+
+        Records whose semantic vectors come from `skip_head` (when given) are left out. Labels only grow and a
+        replaced id keeps its label, so paging by the last label returned visits every record once, and
+        records added meanwhile come in later pages.
+        """
+        sql = f"{_select(True)} WHERE r.label > ?"
+        params: tuple[int | str, ...] = (after_label,)
+        if skip_head:
+            # IS NOT: records without a semantic vector (NULL head) are not of the skipped head.
+            sql += " AND r.semantic_head IS NOT ?"
+            params += (skip_head,)
+        rows = self._reader().execute(sql + " ORDER BY r.label LIMIT ?", (*params, limit)).fetchall()
+        return [_record(row) for row in rows]
+
+
+_RECORD_COLUMNS = "r.label, r.id, r.metadata, r.source_name, r.semantic_head, r.created_ms"
+_VECTOR_COLUMNS = "v.visual, v.semantic, v.feature_norm, v.top_logits"
+
+
+def _select(include_vectors: bool) -> str:
+    if include_vectors:
+        return f"SELECT {_RECORD_COLUMNS}, {_VECTOR_COLUMNS} FROM records r LEFT JOIN vectors v ON v.label = r.label"
+    return f"SELECT {_RECORD_COLUMNS} FROM records r"
+
+
+def _record(row: Sequence[Any]) -> StoredRecord:
+    """A row of _select(): vectors and signals when it has their columns."""
+    rec = StoredRecord(
+        label=int(row[0]),
+        id=row[1],
+        metadata=json.loads(row[2]),
+        source_name=row[3],
+        semantic_head=row[4],
+        created_ms=int(row[5]),
+    )
+    if len(row) == 6:
+        return rec
+    return replace(
+        rec,
+        visual=_vec(row[6]),
+        semantic=_vec(row[7]),
+        feature_norm=float(row[8] or 0.0),
+        top_logits=_top_logits(row[9]),
+    )
