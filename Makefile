@@ -81,6 +81,9 @@ test: $(MODEL_STAMP)  ## install, export models, lint, and run every test
 	$(MAKE) lint
 	$(PY) -m pytest tests -q -ra
 
+k8s-validate: $(INSTALL_STAMP) $(PROTO_STAMP)  ## render every kustomize target and validate it against the schemas
+	$(PY) scripts/k8s_validate.py
+
 bench: $(MODEL_STAMP)  ## run the benchmarks (results go in docs/benchmarks.md by hand, with the command)
 	$(PY) benchmarks/bench_encoder.py
 	$(PY) benchmarks/bench_index.py

@@ -9,11 +9,17 @@ import grpc
 from grpc import aio
 
 from imgsearch.kit.errors import ImgsearchError, Unavailable
+from imgsearch.kit.settings import ServerSettings
+from imgsearch.kit.tls import peer_credentials
 
 # Transparent retries for calls that never reached the peer's handler (connection refused, GOAWAY);
 # idempotent reads may also retry UNAVAILABLE, which the caller opts into per stub.
 _SERVICE_CONFIG = json.dumps(
     {
+        # Spread calls over every address a headless Service resolves to (one per pod), instead of
+        # pinning all of a process's calls to the first pod; servers cap connection age so new pods
+        # are picked up after a scale-out.
+        "loadBalancingConfig": [{"round_robin": {}}],
         "methodConfig": [
             {
                 "name": [{}],
@@ -25,7 +31,7 @@ _SERVICE_CONFIG = json.dumps(
                     "retryableStatusCodes": ["UNAVAILABLE"],
                 },
             }
-        ]
+        ],
     }
 )
 
@@ -46,6 +52,11 @@ def channel(address: str, max_message_bytes: int, credentials: grpc.ChannelCrede
     if credentials is not None:
         return aio.secure_channel(address, credentials, options=options)
     return aio.insecure_channel(address, options=options)
+
+
+def peer_channel(address: str, settings: ServerSettings) -> aio.Channel:
+    """A channel to a peer configured from the caller's settings: TLS when PEER_TLS_CA_FILE is set."""
+    return channel(address, settings.max_message_bytes, peer_credentials(settings))
 
 
 def timeout_for(context: aio.ServicerContext[Any, Any] | None, default: float) -> float:

@@ -14,7 +14,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from imgsearch.kit import metrics
+from imgsearch.kit import metrics, tls
 from imgsearch.kit.logs import setup_logging
 from imgsearch.kit.rpc import ServerInterceptor
 from imgsearch.kit.settings import ServerSettings
@@ -73,10 +73,15 @@ class Runner:
         self.stopping = asyncio.Event()
         self.port = 0
         self.metrics_port = 0
+        self.health_port = 0
+        self.health_server: aio.Server | None = None
         options = [
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 0),
+            # Clients re-resolve and rebalance when a connection ages out: autoscaled pods get traffic.
+            ("grpc.max_connection_age_ms", 300_000),
+            ("grpc.max_connection_age_grace_ms", 30_000),
         ]
         self.server = aio.server(
             interceptors=[*app.interceptors, ServerInterceptor()],
@@ -97,19 +102,37 @@ class Runner:
         )
         await self._set_health(NOT_SERVING)
         address = f"{self.settings.host}:{self.settings.port}"
-        if self.app.server_credentials is not None:
-            self.port = self.server.add_secure_port(address, self.app.server_credentials)
+        # An app's own credentials win; otherwise TLS_CERT_FILE/TLS_KEY_FILE turn TLS on.
+        try:
+            credentials = self.app.server_credentials or tls.server_credentials(self.settings)
+        except tls.TLSConfigError as exc:
+            raise SystemExit(f"imgsearch-{self.app.name}: {exc}") from None
+        if credentials is not None:
+            self.port = self.server.add_secure_port(address, credentials)
         else:
             self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise SystemExit(f"imgsearch-{self.app.name}: cannot bind {address}")
+        if self.settings.health_port is not None:
+            # Only the health service listens here: probes reach it without TLS, callers cannot.
+            self.health_server = aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            health_address = f"{self.settings.host}:{self.settings.health_port}"
+            self.health_port = self.health_server.add_insecure_port(health_address)
+            if self.health_port == 0:
+                raise SystemExit(f"imgsearch-{self.app.name}: cannot bind {health_address}")
+            await self.health_server.start()
         metrics.SERVICE_INFO.labels(self.app.name, self.app.version).set(1)
         metrics.prime(self.app.name, self.app.methods)
         self.metrics_port = metrics.start_metrics_server(self.settings.metrics_host, self.settings.metrics_port)
         await self.server.start()
         log.info(
             "listening",
-            extra={"address": f"{self.settings.host}:{self.port}", "metrics_port": self.metrics_port},
+            extra={
+                "address": f"{self.settings.host}:{self.port}",
+                "metrics_port": self.metrics_port,
+                "tls": credentials is not None,
+            },
         )
 
     async def load(self) -> None:
@@ -123,6 +146,8 @@ class Runner:
         log.info("draining", extra={"grace_seconds": self.settings.grace_seconds})
         await self._set_health(NOT_SERVING)
         await self.server.stop(self.settings.grace_seconds)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         await self.app.shutdown()
         log.info("stopped")
 
@@ -153,6 +178,11 @@ async def serve(app: ServiceApp, settings: ServerSettings) -> None:
 
 def run(app_factory: Callable[[], tuple[ServiceApp, ServerSettings]]) -> None:
     """Entry point for `python -m imgsearch.<service>`."""
-    app, settings = app_factory()
-    setup_logging(app.name, settings.log_level)
-    asyncio.run(serve(app, settings))
+
+    async def main() -> None:
+        # Built inside the loop: grpc.aio channels to peers bind to the loop that creates them.
+        app, settings = app_factory()
+        setup_logging(app.name, settings.log_level)
+        await serve(app, settings)
+
+    asyncio.run(main())

@@ -12,3 +12,16 @@ PARTIAL_RESULTS = Counter(
 )
 SHARD_ERRORS = Counter("imgsearch_gateway_shard_errors_total", "Failed calls to index shards.", ("shard", "code"))
 IMAGES_ADDED = Counter("imgsearch_gateway_images_added_total", "Streamed images by outcome.", ("result",))
+
+PARTIAL_METHODS = ("SearchByImage", "SearchByText", "SearchById", "DeleteImages", "GetImages")
+
+
+def prime(shards: list[str]) -> None:
+    """Create every labelled series at zero: rate() cannot see the increase that creates a series."""
+    for shard in shards:
+        FANOUT_SECONDS.labels(shard)
+        SHARD_ERRORS.labels(shard, "UNAVAILABLE")
+    for method in PARTIAL_METHODS:
+        PARTIAL_RESULTS.labels(method)
+    for result in ("ok", "error"):
+        IMAGES_ADDED.labels(result)

@@ -7,14 +7,14 @@ from typing import Any
 
 from grpc import aio
 
-from imgsearch.gateway import convert
+from imgsearch.gateway import convert, metrics
 from imgsearch.gateway.core import Gateway
 from imgsearch.gateway.peers import ShardClient, TaggerClient
 from imgsearch.gateway.settings import GatewaySettings
 from imgsearch.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from imgsearch.kit.auth import TokenFileError, auth_interceptor
 from imgsearch.kit.encoder_client import EncoderClient
-from imgsearch.kit.peers import channel, timeout_for
+from imgsearch.kit.peers import peer_channel, timeout_for
 from imgsearch.kit.server import ServiceApp, methods_of
 from imgsearch.kit.settings import load_settings
 
@@ -100,10 +100,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
 def build_app() -> tuple[ServiceApp, GatewaySettings]:
     settings = load_settings(GatewaySettings, "gateway")
-    limit = settings.max_message_bytes
-    enc_channel = channel(settings.encoder_address, limit)
-    tag_channel = channel(settings.tagger_address, limit)
-    shards = [ShardClient(name, address, channel(address, limit)) for name, address in settings.shards]
+    enc_channel = peer_channel(settings.encoder_address, settings)
+    tag_channel = peer_channel(settings.tagger_address, settings)
+    shards = [ShardClient(name, address, peer_channel(address, settings)) for name, address in settings.shards]
     gateway = Gateway(
         settings,
         EncoderClient(enc_channel, settings.encoder_address),
@@ -111,6 +110,7 @@ def build_app() -> tuple[ServiceApp, GatewaySettings]:
         shards,
     )
     service = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"]
+    metrics.prime([name for name, _ in settings.shards])
 
     async def shutdown() -> None:
         for ch in [enc_channel, tag_channel, *(s.channel for s in shards)]:

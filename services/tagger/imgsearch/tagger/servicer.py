@@ -10,7 +10,7 @@ from grpc import aio
 from imgsearch.kit import convert as common
 from imgsearch.kit.encoder_client import EncoderClient
 from imgsearch.kit.errors import InvalidArgument
-from imgsearch.kit.peers import channel
+from imgsearch.kit.peers import peer_channel
 from imgsearch.kit.server import ServiceApp, methods_of
 from imgsearch.kit.settings import load_settings
 from imgsearch.tagger import convert
@@ -84,7 +84,7 @@ class TaggerServicer(tagger_pb2_grpc.TaggerServiceServicer):
 
 def build_app() -> tuple[ServiceApp, TaggerSettings]:
     settings = load_settings(TaggerSettings, "tagger")
-    enc_channel = channel(settings.encoder_address, settings.max_message_bytes)
+    enc_channel = peer_channel(settings.encoder_address, settings)
     tagger = Tagger(settings, EncoderClient(enc_channel, settings.encoder_address))
     service = tagger_pb2.DESCRIPTOR.services_by_name["TaggerService"]
 

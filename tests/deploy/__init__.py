@@ -1,0 +1,1 @@
+"""Checks of the deployment artefacts: images, Kubernetes manifests, alert rules and dashboards."""
