@@ -26,8 +26,12 @@ def generate(out_root: Path) -> None:
     """Write stubs for every proto under out_root/imgsearch/<pkg>/v1."""
     files = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
     include = str(Path(protoc.__file__).parent / "_proto")
+    # mypy-protobuf's plugins live next to this interpreter; the venv's bin/ need not be on PATH.
+    bindir = Path(sys.executable).parent
     args = [
         "protoc",
+        f"--plugin=protoc-gen-mypy={bindir / 'protoc-gen-mypy'}",
+        f"--plugin=protoc-gen-mypy_grpc={bindir / 'protoc-gen-mypy_grpc'}",
         f"-I{PROTOS}",
         f"-I{include}",
         f"--python_out={out_root}",
