@@ -13,9 +13,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import REGISTRY
 
+from imgsearch.gateway.servicer import WRITE_METHODS as GATEWAY_WRITE_METHODS
 from imgsearch.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from imgsearch.kit.auth import (
-    GATEWAY_WRITE_METHODS,
     BearerTokenInterceptor,
     TokenFileError,
     TokenStore,
@@ -105,7 +105,9 @@ async def add_images(
 
 @pytest.fixture()
 async def writes_only(tmp_path: Path) -> AsyncIterator[gateway_pb2_grpc.GatewayServiceAsyncStub]:
-    interceptor = auth_interceptor(tokens_file(tmp_path, GOOD, OTHER_GOOD), require_for_reads=False)
+    interceptor = auth_interceptor(
+        tokens_file(tmp_path, GOOD, OTHER_GOOD), require_for_reads=False, write_methods=GATEWAY_WRITE_METHODS
+    )
     runner = await start_gateway(interceptor)
     async with aio.insecure_channel(f"127.0.0.1:{runner.port}") as ch:
         yield gateway_pb2_grpc.GatewayServiceStub(ch)
@@ -157,7 +159,9 @@ async def test_reads_open_when_only_writes_need_a_token(writes_only: gateway_pb2
 
 
 async def test_reads_need_a_token_when_configured_but_health_and_reflection_stay_open(tmp_path: Path) -> None:
-    runner = await start_gateway(auth_interceptor(tokens_file(tmp_path, GOOD), require_for_reads=True))
+    runner = await start_gateway(
+        auth_interceptor(tokens_file(tmp_path, GOOD), require_for_reads=True, write_methods=GATEWAY_WRITE_METHODS)
+    )
     try:
         async with aio.insecure_channel(f"127.0.0.1:{runner.port}") as ch:
             stub = gateway_pb2_grpc.GatewayServiceStub(ch)
@@ -213,18 +217,18 @@ async def test_rotated_tokens_file_takes_effect_without_restart(tmp_path: Path) 
 
 
 def test_no_tokens_file_means_no_interceptor_unless_reads_must_authenticate() -> None:
-    assert auth_interceptor(None, require_for_reads=False) is None
+    assert auth_interceptor(None, require_for_reads=False, write_methods=GATEWAY_WRITE_METHODS) is None
     with pytest.raises(TokenFileError, match="no tokens file"):
-        auth_interceptor(None, require_for_reads=True)
+        auth_interceptor(None, require_for_reads=True, write_methods=GATEWAY_WRITE_METHODS)
 
 
 def test_missing_or_empty_tokens_file_refuses_to_start(tmp_path: Path) -> None:
     with pytest.raises(TokenFileError, match="cannot read tokens file"):
-        auth_interceptor(tmp_path / "absent", require_for_reads=False)
+        auth_interceptor(tmp_path / "absent", require_for_reads=False, write_methods=GATEWAY_WRITE_METHODS)
     empty = tmp_path / "empty"
     empty.write_text("# only a comment\n\n   \n")
     with pytest.raises(TokenFileError, match="holds no token"):
-        auth_interceptor(empty, require_for_reads=False)
+        auth_interceptor(empty, require_for_reads=False, write_methods=GATEWAY_WRITE_METHODS)
 
 
 def test_parse_tokens_and_bearer_header() -> None:

@@ -18,10 +18,6 @@ from prometheus_client import Counter
 log = logging.getLogger(__name__)
 
 # Calls that change state on the public API: these always need a token once a tokens file is configured.
-GATEWAY_WRITE_METHODS = frozenset(
-    f"/imgsearch.gateway.v1.GatewayService/{name}"
-    for name in ("AddImages", "DeleteImages", "AddTags", "RemoveTags", "ActivateHead")
-)
 # Infrastructure stays open: kubelet probes and grpcurl-style discovery carry no token.
 OPEN_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
 
@@ -171,7 +167,7 @@ class BearerTokenInterceptor(aio.ServerInterceptor):
 
 
 def auth_interceptor(
-    tokens_file: Path | None, require_for_reads: bool, write_methods: Iterable[str] = GATEWAY_WRITE_METHODS
+    tokens_file: Path | None, require_for_reads: bool, write_methods: Iterable[str]
 ) -> aio.ServerInterceptor | None:
     """The interceptor to install, or None when no tokens file is configured (authentication off).
 

@@ -19,7 +19,11 @@ from imgsearch.kit.server import ServiceApp, methods_of
 from imgsearch.kit.settings import load_settings
 
 Ctx = aio.ServicerContext[Any, Any]
-WRITE_METHODS = {"AddImages", "DeleteImages", "AddTags", "RemoveTags", "ActivateHead"}
+_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"]
+# RPCs that change state: they always need a bearer token when authentication is on.
+WRITE_METHODS = frozenset(
+    f"/{_SERVICE.full_name}/{m}" for m in ("AddImages", "DeleteImages", "AddTags", "RemoveTags", "ActivateHead")
+)
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
@@ -120,7 +124,7 @@ def build_app() -> tuple[ServiceApp, GatewaySettings]:
         interceptor = auth_interceptor(
             settings.auth_tokens_file,
             settings.auth_reads,
-            {f"/{service.full_name}/{m}" for m in WRITE_METHODS},
+            WRITE_METHODS,
         )
     except TokenFileError as exc:
         raise SystemExit(f"imgsearch-gateway: {exc}") from None
