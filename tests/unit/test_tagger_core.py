@@ -110,7 +110,7 @@ async def test_ranking_matches_a_per_tag_loop(
     features, logits = await source.image(sample_photos["coffee"])
     ranked, _, _ = tagger.rank(features, logits, 20, "all")
     state = tagger.state
-    direction = state.head.project_images(features[None, :], logits[None, :])[0]
+    direction = state.head.tag_direction(features[None, :], logits[None, :])[0]
     # Ground truth computed tag by tag, independently of the vectorised ranking.
     scores = [float(np.dot(state.projected[i], direction) + state.bias[i]) for i in range(state.size)]
     expected = [state.names[i] for i in np.argsort(scores)[::-1][:20]]

@@ -305,7 +305,7 @@ class Tagger:
         if not 1 <= top_k <= self.settings.max_k:
             raise InvalidArgument(f"top_k must be between 1 and {self.settings.max_k}, got {top_k}")
         self._check_signals(state.head, features[None, :], None if logits is None else logits[None, :])
-        direction = state.head.project_images(features[None, :], None if logits is None else logits[None, :])[0]
+        direction = state.head.tag_direction(features[None, :], None if logits is None else logits[None, :])[0]
         scores = state.projected @ direction + state.bias
         if which == "seen":
             scores = np.where(state.seen, scores, -np.inf)

@@ -47,6 +47,8 @@ class Head(Protocol):
 
     def project_texts(self, embeddings: Matrix) -> Matrix: ...
 
+    def tag_direction(self, features: Matrix, logits: Matrix | None) -> Matrix: ...
+
     def tag_bias(self, projected_tags: Matrix) -> Matrix: ...
 
 
@@ -88,6 +90,9 @@ class ConSEHead:
 
     def project_texts(self, embeddings: Matrix) -> Matrix:
         return l2_normalise(embeddings)
+
+    def tag_direction(self, features: Matrix, logits: Matrix | None) -> Matrix:
+        return self.project_images(features, logits)
 
     def tag_bias(self, projected_tags: Matrix) -> Matrix:
         if self.anchor_penalty == 0.0 or projected_tags.shape[0] == 0:
@@ -138,10 +143,16 @@ class LearnedHead:
     conse: ConSEHead | None
     manifest: dict[str, Any]
     metrics: dict[str, float] = field(default_factory=dict)
+    # Tag ranking may blend ConSE differently from search: retrieval and tagging are evaluated apart
+    # (docs/evaluation.md), and each weight is chosen on its own task. None means conse_weight.
+    tag_conse_weight: float | None = None
+    # Share of each tag's best match to an ImageNet class name subtracted from its score (see ConSEHead).
+    tag_anchor_penalty: float = 0.0
+    _anchors: Matrix | None = None
 
     @property
     def needs_logits(self) -> bool:
-        return self.conse is not None and self.conse_weight > 0
+        return self.conse is not None and max(self.conse_weight, self.tag_conse_weight or 0.0) > 0
 
     def _features(self, features: Matrix) -> Matrix:
         x = features.astype(np.float32, copy=False)
@@ -151,14 +162,21 @@ class LearnedHead:
             return ((x - self.feature_mean) / self.feature_std).astype(np.float32, copy=False)
         return x
 
-    def project_images(self, features: Matrix, logits: Matrix | None) -> Matrix:
+    def _blend(self, features: Matrix, logits: Matrix | None, weight: float) -> Matrix:
         learned = l2_normalise(_run(self.image_layers, self._features(features)))
-        if self.conse is None or self.conse_weight <= 0:
+        if self.conse is None or weight <= 0:
             return learned
         conse = self.conse.project_images(features, logits)
         if self.text_layers:
             conse = self.project_texts(conse)
-        return l2_normalise(self.conse_weight * conse + (1.0 - self.conse_weight) * learned)
+        return l2_normalise(weight * conse + (1.0 - weight) * learned)
+
+    def project_images(self, features: Matrix, logits: Matrix | None) -> Matrix:
+        return self._blend(features, logits, self.conse_weight)
+
+    def tag_direction(self, features: Matrix, logits: Matrix | None) -> Matrix:
+        weight = self.conse_weight if self.tag_conse_weight is None else self.tag_conse_weight
+        return self._blend(features, logits, weight)
 
     def project_texts(self, embeddings: Matrix) -> Matrix:
         if not self.text_layers:
@@ -169,7 +187,12 @@ class LearnedHead:
         return l2_normalise(out)
 
     def tag_bias(self, projected_tags: Matrix) -> Matrix:
-        return np.zeros(projected_tags.shape[0], dtype=np.float32)
+        if self.tag_anchor_penalty == 0.0 or self.conse is None or projected_tags.shape[0] == 0:
+            return np.zeros(projected_tags.shape[0], dtype=np.float32)
+        if self._anchors is None:
+            self._anchors = self.project_texts(self.conse.class_embeddings)
+        best = (projected_tags @ self._anchors.T).max(axis=1)
+        return (-self.tag_anchor_penalty * best).astype(np.float32)
 
 
 def _layers(arrays: dict[str, Matrix], specs: list[dict[str, str]], what: str) -> list[Layer]:
@@ -242,9 +265,18 @@ def load_head(
     if image_layers[0].weight.shape[0] != feature_dim or image_layers[-1].weight.shape[1] != text_dim:
         raise InvalidArgument(f"{path.name}: image layers do not map {feature_dim} to {text_dim}")
     conse_weight = float(manifest.get("conse_weight", 0.0))
-    if not 0.0 <= conse_weight <= 1.0:
-        raise InvalidArgument(f"{path.name}: conse_weight must be in [0, 1], got {conse_weight}")
-    if conse_weight > 0 and conse is None:
+    raw_tag_weight = manifest.get("tag_conse_weight")
+    tag_weight = None if raw_tag_weight is None else float(raw_tag_weight)
+    tag_penalty = float(manifest.get("tag_anchor_penalty", 0.0))
+    for key, value in (
+        ("conse_weight", conse_weight),
+        ("tag_conse_weight", tag_weight),
+        ("tag_anchor_penalty", tag_penalty),
+    ):
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise InvalidArgument(f"{path.name}: {key} must be in [0, 1], got {value}")
+    uses_conse = max(conse_weight, tag_weight or 0.0, tag_penalty) > 0
+    if uses_conse and conse is None:
         raise FailedPrecondition(f"{path.name} blends with ConSE but no ConSE head is available")
     metrics = {str(k): float(v) for k, v in manifest.get("metrics", {}).items() if isinstance(v, int | float)}
     return LearnedHead(
@@ -259,7 +291,9 @@ def load_head(
         feature_std=arrays.get("feature_std"),
         text_residual=bool(manifest.get("text_residual", False)),
         conse_weight=conse_weight,
-        conse=conse if conse_weight > 0 else None,
+        conse=conse if uses_conse else None,
+        tag_conse_weight=tag_weight,
+        tag_anchor_penalty=tag_penalty,
         manifest=manifest,
         metrics=metrics,
     )
