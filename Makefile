@@ -18,7 +18,7 @@ MODEL_STAMP := $(MODEL_DIR)/manifest.json
 export IMGSEARCH_MODEL_DIR := $(abspath $(MODEL_DIR))
 
 .PHONY: help install protos models run up down status test test-unit test-integration lint buf-lint bench \
-        k8s-validate train eval clean
+        k8s-validate train experiments eval clean
 
 help:  ## list targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -83,6 +83,21 @@ test: $(MODEL_STAMP)  ## install, export models, lint, and run every test
 
 k8s-validate: $(INSTALL_STAMP) $(PROTO_STAMP)  ## render every kustomize target and validate it against the schemas
 	$(PY) scripts/k8s_validate.py
+
+FLICKR8K ?= ../shared/data/flickr8k
+LITE1_DIR := training/cache/models-lite1
+
+train: $(MODEL_STAMP)  ## train the default projection head on Flickr8k (seeded) into heads/default.npz
+	$(PY) -m imgsearch.training.train --data $(FLICKR8K) --out heads/default.npz
+
+experiments: $(MODEL_STAMP)  ## train every head variant compared in docs/evaluation.md (long)
+	$(PY) -m imgsearch.models.export --model-dir $(LITE1_DIR) --image-model efficientnet-lite1
+	$(PY) -m imgsearch.training.experiments --data $(FLICKR8K) --larger-model-dir $(LITE1_DIR)
+
+eval: $(MODEL_STAMP)  ## evaluate ConSE and every head; prints the table, writes docs/evaluation.{md,json}
+	$(PY) -m imgsearch.training.evaluate --data $(FLICKR8K) --model-dir $(MODEL_DIR) --model-dir $(LITE1_DIR) \
+		--heads heads training/cache/runs --tta --json docs/evaluation.json --markdown docs/evaluation.md \
+		--plot docs/img/training_curves.png
 
 bench: $(MODEL_STAMP)  ## run the benchmarks (results go in docs/benchmarks.md by hand, with the command)
 	$(PY) benchmarks/bench_encoder.py
