@@ -88,7 +88,7 @@ FLICKR8K ?= ../shared/data/flickr8k
 LITE1_DIR := training/cache/models-lite1
 
 train: $(MODEL_STAMP)  ## train the default projection head on Flickr8k (seeded) into heads/default.npz
-	$(PY) -m imgsearch.training.train --data $(FLICKR8K) --out heads/default.npz
+	$(PY) -m imgsearch.training.train --data $(FLICKR8K) --out heads/default.npz --conse-weight 0.2
 
 experiments: $(MODEL_STAMP)  ## train every head variant compared in docs/evaluation.md (long)
 	$(PY) -m imgsearch.models.export --model-dir $(LITE1_DIR) --image-model efficientnet-lite1

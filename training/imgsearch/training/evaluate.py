@@ -52,9 +52,9 @@ def selection_score(metrics: dict[str, float]) -> float:
 
 
 def tag_scores(head: Head, split: SplitData, tags: Matrix, views: Sequence[str]) -> Matrix:
-    """Tag scores exactly as the tagger ranks them: cosine to the projected tag plus the head's tag bias."""
+    """Tag scores exactly as the tagger ranks them: the head's tag direction . projected tag, plus its tag bias."""
     feats, logits = split.features.averaged(views)
-    images = head.project_images(feats, logits if head.needs_logits else None)
+    images = head.tag_direction(feats, logits if head.needs_logits else None)
     projected = head.project_texts(tags)
     return (images @ projected.T + head.tag_bias(projected)[None, :]).astype(np.float32)
 
@@ -112,6 +112,10 @@ def describe(manifest: dict[str, Any]) -> str:
         parts.append("unseen held out")
     if float(manifest.get("conse_weight", 0.0)) > 0:
         parts.append(f"ConSE blend {float(manifest['conse_weight']):.2f}")
+    if manifest.get("tag_conse_weight") is not None:
+        # The tag columns use the tag setting (imgsearch.training.tagging), not the search blend.
+        tag_w, tag_p = float(manifest["tag_conse_weight"]), float(manifest.get("tag_anchor_penalty", 0.0))
+        parts.append(f"tags: blend {tag_w:.2f}, anchor penalty {tag_p:.2f}")
     return ", ".join(p for p in parts if p)
 
 
@@ -282,7 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     print(plain_table(rows))
     command = "python -m imgsearch.training.evaluate " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.json:
+        # Other tools keep their own keys in this file (imgsearch.training.tagging: served_tagging).
+        previous = json.loads(args.json.read_text()) if args.json.exists() else {}
         payload = {
+            **previous,
             "dataset": str(args.data.name),
             "split": args.split,
             "command": command,

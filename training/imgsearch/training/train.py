@@ -24,6 +24,7 @@ from imgsearch.training.evaluate import retrieval_metrics, selection_score
 from imgsearch.training.losses import cosine_regression, info_nce, pairwise_tag_ranking, triplet_hardest
 from imgsearch.training.metrics import recall_at, target_ranks
 from imgsearch.training.model import HeadModel, HeadSpec, export_head
+from imgsearch.training.tagging import choose_tag_setting, tag_manifest
 from imgsearch.training.text import text_tags
 
 log = logging.getLogger("imgsearch.training.train")
@@ -58,6 +59,10 @@ class TrainConfig:
     flip_augment: bool = True
     holdout: bool = False  # drop the unseen tags (every caption that mentions one) from training
     conse_weight: float = -1.0  # < 0: choose on the dev split from CONSE_GRID
+    # Tag ranking's own ConSE blend and anchor penalty; < 0: chosen on dev by imgsearch.training.tagging
+    # (best served-vocabulary MiAP among the settings that pass the out-of-domain photo checks).
+    tag_conse_weight: float = -1.0
+    tag_anchor_penalty: float = -1.0
     patience: int = 10
     seed: int = 0
 
@@ -279,7 +284,7 @@ def choose_conse_weight(
 def train_and_export(
     data: Prepared, cfg: TrainConfig, out: Path, model_dir: Path, progress: bool = True
 ) -> dict[str, Any]:
-    """Train, pick the ConSE blend on dev, write the head file; returns its manifest."""
+    """Train, pick the ConSE blend and the tag setting on dev, write the head file; returns its manifest."""
     t0 = time.perf_counter()
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     model, info = train_model(data, cfg, progress=progress)
@@ -291,12 +296,16 @@ def train_and_export(
     head = load_head(out, image_model=data.image_model, feature_dim=1280, text_dim=384, conse=conse)
     head.conse_weight, head.conse = weight, conse if weight > 0 else None
     dev = retrieval_metrics(head, dev_split(data, cfg))
+    tag_weight, tag_penalty, tag_report = choose_tag_setting(
+        out, data, dev_split(data, cfg), model_dir, cfg.tag_conse_weight, cfg.tag_anchor_penalty
+    )
     manifest.update(
         conse_weight=weight,
         conse_sweep_dev_score=sweep,
         metrics={f"dev_{k}": round(v, 2) for k, v in dev.items()},
-        train_seconds=round(time.perf_counter() - t0, 1),
     )
+    manifest = tag_manifest(manifest, tag_weight, tag_penalty, tag_report["grid"])
+    manifest["train_seconds"] = round(time.perf_counter() - t0, 1)
     export_head(out, model, manifest)
     return manifest
 
@@ -326,6 +335,8 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flip-augment", action=argparse.BooleanOptionalAction, default=d.flip_augment)
     parser.add_argument("--holdout", action=argparse.BooleanOptionalAction, default=d.holdout)
     parser.add_argument("--conse-weight", type=float, default=d.conse_weight, help="< 0: choose on dev")
+    parser.add_argument("--tag-conse-weight", type=float, default=d.tag_conse_weight, help="< 0: choose on dev")
+    parser.add_argument("--tag-anchor-penalty", type=float, default=d.tag_anchor_penalty, help="< 0: choose on dev")
     parser.add_argument("--patience", type=int, default=d.patience)
     parser.add_argument("--seed", type=int, default=d.seed)
 
@@ -347,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     dev = manifest["metrics"]
     print(
         f"{args.out}: best epoch {manifest['best_epoch']}, ConSE blend {manifest['conse_weight']:.2f}, "
+        f"tag blend {manifest['tag_conse_weight']}, tag anchor penalty {manifest['tag_anchor_penalty']}, "
         f"dev T->I R@1/5/10/20 {dev['dev_t2i_r1']:.1f}/{dev['dev_t2i_r5']:.1f}/{dev['dev_t2i_r10']:.1f}/"
         f"{dev['dev_t2i_r20']:.1f}, {args.out.stat().st_size / 1e6:.2f} MB"
     )
