@@ -12,8 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from imgsearch.client import GatewayClient, ImageToAdd
-from imgsearch.devstack import Stack
-from tests.harness import free_port_range
+from imgsearch.devstack import Stack, free_port_range
 
 FLICKR = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "flickr8k"
 QUERIES = ["two dogs playing in the snow", "a man riding a bike", "children at the beach", "a cup of coffee"]

@@ -14,6 +14,10 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from imgsearch.devstack import free_port_range
+
+__all__ = ["ServiceProcess", "free_port", "free_port_range", "health_status"]
+
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = Path(os.environ.get("IMGSEARCH_MODEL_DIR", ROOT / "models")).resolve()
 
@@ -32,25 +36,6 @@ def health_status(address: str, timeout: float = 1.0) -> int | None:
         except grpc.RpcError:
             return None
         return int(resp.status)
-
-
-def free_port_range(n: int) -> int:
-    """A base port such that base .. base+n-1 are all free on loopback right now."""
-    import random
-
-    for _ in range(200):
-        base = random.randint(20000, 60000 - n)
-        ok = True
-        for port in range(base, base + n):
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-    raise RuntimeError(f"no {n} consecutive free ports found")
 
 
 @dataclass

@@ -116,6 +116,26 @@ def plan(state_dir: Path, port_base: int, metrics_base: int, shards: int, model_
     return specs
 
 
+def free_port_range(n: int) -> int:
+    """A base port such that base .. base+n-1 are all free on loopback right now."""
+    import random
+    import socket
+
+    for _ in range(200):
+        base = random.randint(20000, 60000 - n)
+        ok = True
+        for port in range(base, base + n):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError(f"no {n} consecutive free ports found")
+
+
 def health(address: str, timeout: float = 1.0) -> str:
     with grpc.insecure_channel(address) as ch:
         try:
