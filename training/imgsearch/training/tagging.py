@@ -25,7 +25,7 @@ from imgsearch.training.text import WORD, lemma
 log = logging.getLogger("imgsearch.training.tagging")
 
 TAG_CONSE_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
-TAG_PENALTY_GRID = (0.0, 0.25, 0.5)
+TAG_PENALTY_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 # The tag a user adds at run time in the out-of-domain check: absent from the starter vocabulary.
 UNSEEN_TAG = "feline"
 # Out-of-domain photos shipped with scikit-image and the tags that count as right for each.
