@@ -122,6 +122,33 @@ def _run(layers: list[Layer], x: Matrix) -> Matrix:
     return x
 
 
+@dataclass(frozen=True)
+class TagGate:
+    """Per-image ConSE weight for tag ranking, from how in-domain the image looks to the learned head.
+
+    A learned head is trustworthy on photos like its training data and unreliable far from it, where
+    ConSE's ImageNet knowledge is the better expert. The in-domain score is the mean cosine of the learned
+    image direction to its k nearest training captions (a kNN density estimate in the shared space); the
+    weight ramps linearly from weight_out (score <= low) to weight_in (score >= high).
+    """
+
+    bank: Matrix
+    k: int
+    low: float
+    high: float
+    weight_out: float
+    weight_in: float
+
+    def scores(self, learned: Matrix) -> Matrix:
+        sims = learned @ self.bank.T
+        k = min(self.k, sims.shape[1])
+        return np.partition(sims, sims.shape[1] - k, axis=1)[:, -k:].mean(axis=1)
+
+    def weights(self, learned: Matrix) -> Matrix:
+        t = np.clip((self.scores(learned) - self.low) / max(self.high - self.low, 1e-6), 0.0, 1.0)
+        return (self.weight_out + t * (self.weight_in - self.weight_out)).astype(np.float32)
+
+
 @dataclass
 class LearnedHead:
     """A trained head stored as an .npz file: image MLP/linear layers and an optional text adapter."""
@@ -148,11 +175,14 @@ class LearnedHead:
     tag_conse_weight: float | None = None
     # Share of each tag's best match to an ImageNet class name subtracted from its score (see ConSEHead).
     tag_anchor_penalty: float = 0.0
+    # Optional in-domain gate for the tag blend (see TagGate): replaces tag_conse_weight per image.
+    tag_gate: TagGate | None = None
     _anchors: Matrix | None = None
 
     @property
     def needs_logits(self) -> bool:
-        return self.conse is not None and max(self.conse_weight, self.tag_conse_weight or 0.0) > 0
+        uses = max(self.conse_weight, self.tag_conse_weight or 0.0) > 0 or self.tag_gate is not None
+        return self.conse is not None and uses
 
     def _features(self, features: Matrix) -> Matrix:
         x = features.astype(np.float32, copy=False)
@@ -162,9 +192,9 @@ class LearnedHead:
             return ((x - self.feature_mean) / self.feature_std).astype(np.float32, copy=False)
         return x
 
-    def _blend(self, features: Matrix, logits: Matrix | None, weight: float) -> Matrix:
+    def _blend(self, features: Matrix, logits: Matrix | None, weight: float | Matrix) -> Matrix:
         learned = l2_normalise(_run(self.image_layers, self._features(features)))
-        if self.conse is None or weight <= 0:
+        if self.conse is None or np.all(np.asarray(weight) <= 0):
             return learned
         conse = self.conse.project_images(features, logits)
         if self.text_layers:
@@ -175,6 +205,9 @@ class LearnedHead:
         return self._blend(features, logits, self.conse_weight)
 
     def tag_direction(self, features: Matrix, logits: Matrix | None) -> Matrix:
+        if self.tag_gate is not None:
+            learned = l2_normalise(_run(self.image_layers, self._features(features)))
+            return self._blend(features, logits, self.tag_gate.weights(learned)[:, None])
         weight = self.conse_weight if self.tag_conse_weight is None else self.tag_conse_weight
         return self._blend(features, logits, weight)
 
@@ -213,6 +246,28 @@ def _layers(arrays: dict[str, Matrix], specs: list[dict[str, str]], what: str) -
                 f"head file: {what} layers do not chain ({prev.weight.shape} then {nxt.weight.shape})"
             )
     return layers
+
+
+def _gate(arrays: dict[str, Matrix], spec: Any, text_dim: int, name: str) -> TagGate | None:
+    if spec is None:
+        return None
+    try:
+        bank = arrays[str(spec["bank"])].astype(np.float32)
+        gate = TagGate(
+            bank=l2_normalise(bank),
+            k=int(spec["k"]),
+            low=float(spec["low"]),
+            high=float(spec["high"]),
+            weight_out=float(spec["weight_out"]),
+            weight_in=float(spec["weight_in"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidArgument(f"{name}: tag_gate is malformed ({exc})") from None
+    if bank.ndim != 2 or bank.shape[1] != text_dim or gate.k < 1 or not gate.low < gate.high:
+        raise InvalidArgument(f"{name}: tag_gate needs an (n, {text_dim}) bank, k >= 1 and low < high")
+    if not (0.0 <= gate.weight_out <= 1.0 and 0.0 <= gate.weight_in <= 1.0):
+        raise InvalidArgument(f"{name}: tag_gate weights must be in [0, 1]")
+    return gate
 
 
 def read_head_manifest(path: Path) -> dict[str, Any]:
@@ -275,7 +330,8 @@ def load_head(
     ):
         if value is not None and not 0.0 <= value <= 1.0:
             raise InvalidArgument(f"{path.name}: {key} must be in [0, 1], got {value}")
-    uses_conse = max(conse_weight, tag_weight or 0.0, tag_penalty) > 0
+    gate = _gate(arrays, manifest.get("tag_gate"), text_dim, path.name)
+    uses_conse = max(conse_weight, tag_weight or 0.0, tag_penalty) > 0 or gate is not None
     if uses_conse and conse is None:
         raise FailedPrecondition(f"{path.name} blends with ConSE but no ConSE head is available")
     metrics = {str(k): float(v) for k, v in manifest.get("metrics", {}).items() if isinstance(v, int | float)}
@@ -294,6 +350,7 @@ def load_head(
         conse=conse if uses_conse else None,
         tag_conse_weight=tag_weight,
         tag_anchor_penalty=tag_penalty,
+        tag_gate=gate,
         manifest=manifest,
         metrics=metrics,
     )
