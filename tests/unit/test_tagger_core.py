@@ -250,3 +250,47 @@ def test_conse_is_a_convex_combination() -> None:
     np.testing.assert_allclose(out[0], expected / np.linalg.norm(expected), atol=1e-6)
     with pytest.raises(InvalidArgument):
         head.project_images(np.zeros((1, 3), dtype=np.float32), None)
+
+
+def test_tag_gate_blends_per_image_by_in_domain_score(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    classes = l2_normalise(rng.standard_normal((20, 384)).astype(np.float32))
+    conse = ConSEHead(classes, top_t=3, anchor_penalty=0.0, image_model="efficientnet-lite0@abc")
+    w = (rng.standard_normal((1280, 384)) * 0.05).astype(np.float32)
+    features = rng.standard_normal((2, 1280)).astype(np.float32)
+    learned = l2_normalise(l2_normalise(features) @ w)
+    # Bank: the first image's own direction (score 1.0, in domain) and a vector orthogonal-ish to both.
+    bank = np.stack([learned[0], l2_normalise(rng.standard_normal(384).astype(np.float32))])
+    path = tmp_path / "gated.npz"
+    save_head(
+        path,
+        {
+            "name": "gated",
+            "version": "1",
+            "image_model": "efficientnet-lite0@abc",
+            "feature_dim": 1280,
+            "text_dim": 384,
+            "feature_norm": "l2",
+            "image_layers": [{"weight": "w", "bias": "b", "activation": "none"}],
+            "conse_weight": 0.0,
+            "tag_gate": {"bank": "bank", "k": 1, "low": 0.2, "high": 0.9, "weight_out": 0.6, "weight_in": 0.1},
+        },
+        {"w": w, "b": np.zeros(384, dtype=np.float32), "bank": bank},
+    )
+    from imgsearch.tagger.heads import load_head
+
+    head = load_head(path, image_model="efficientnet-lite0@abc", feature_dim=1280, text_dim=384, conse=conse)
+    assert head.needs_logits and head.tag_gate is not None
+    logits = rng.standard_normal((2, 20)).astype(np.float32)
+    scores = head.tag_gate.scores(learned)
+    assert scores[0] == pytest.approx(1.0, abs=1e-5)
+    # By hand: the ramp maps score s to 0.6 + clip((s - 0.2) / 0.7, 0, 1) * (0.1 - 0.6).
+    expected_w = [0.6 + min(max((s - 0.2) / 0.7, 0.0), 1.0) * (0.1 - 0.6) for s in scores]
+    assert expected_w[0] == pytest.approx(0.1)
+    cdir = conse.project_images(features, logits)
+    direction = head.tag_direction(features, logits)
+    for i in range(2):
+        manual = expected_w[i] * cdir[i] + (1 - expected_w[i]) * learned[i]
+        np.testing.assert_allclose(direction[i], manual / np.linalg.norm(manual), atol=1e-5)
+    # The search space is untouched by the gate.
+    np.testing.assert_allclose(head.project_images(features, logits), learned, atol=1e-6)
