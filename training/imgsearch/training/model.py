@@ -100,10 +100,20 @@ def head_arrays(model: HeadModel, half: bool) -> tuple[dict[str, Matrix], list[d
     return arrays, image_layers, text_layers
 
 
-def export_head(path: Path, model: HeadModel, manifest: dict[str, Any], half: bool | None = None) -> None:
-    """Write the head in the tagger's format; MLP weights go to float16 so the file stays under 5 MB."""
+def export_head(
+    path: Path,
+    model: HeadModel,
+    manifest: dict[str, Any],
+    half: bool | None = None,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Write the head in the tagger's format; MLP weights go to float16 so the file stays under 5 MB.
+
+    `extra` arrays (e.g. the tag gate's caption bank) are stored next to the weights.
+    """
     half = model.spec.kind == "mlp" if half is None else half
     arrays, image_layers, text_layers = head_arrays(model, half)
+    arrays.update(extra or {})
     full = {
         **manifest,
         "kind": model.spec.kind,

@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from imgsearch.tagger.core import starter_vocabulary
-from imgsearch.tagger.heads import ConSEHead, Head, LearnedHead, load_head, save_head
+from imgsearch.tagger.heads import ConSEHead, Head, LearnedHead, TagGate, l2_normalise, load_head, save_head
 from imgsearch.training.data import Prepared, SplitData, prepare
 from imgsearch.training.features import Matrix, OnnxImageModel, OnnxTextModel, cached_text_embeddings
 from imgsearch.training.metrics import tag_metrics
@@ -26,6 +26,17 @@ log = logging.getLogger("imgsearch.training.tagging")
 
 TAG_CONSE_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 TAG_PENALTY_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+# The in-domain gate (TagGate): k nearest bank captions, the (low, high) ramp of the in-domain score, the
+# ConSE weight out of domain (score <= low) and in domain (score >= high), and the anchor penalty.
+GATE_K = 10
+GATE_RAMPS = ((0.30, 0.34), (0.32, 0.35), (0.33, 0.36), (0.34, 0.38))
+GATE_WEIGHT_OUT = (0.5, 0.6)
+GATE_WEIGHT_IN = (0.1, 0.2, 0.3, 0.4)
+GATE_PENALTY_GRID = (0.5, 0.75)
+# The gate's bank: at most this many training captions, one per image, drawn with this seed.
+GATE_BANK_SIZE = 2000
+GATE_BANK_SEED = 0
+GATE_BANK_ARRAY = "tag_gate_bank"
 # The tag a user adds at run time in the out-of-domain check: absent from the starter vocabulary.
 UNSEEN_TAG = "feline"
 # Out-of-domain photos shipped with scikit-image and the tags that count as right for each.
@@ -166,19 +177,66 @@ def person_check(head: Head, split: SplitData, vocab: Vocabulary) -> dict[str, A
     return {"images": len(idx), "person_top5": float(100.0 * np.mean(person)), "examples": examples}
 
 
+@dataclass(frozen=True)
+class GateSpec:
+    """The knobs of a TagGate (its bank aside), as stored under the manifest key `tag_gate`."""
+
+    k: int
+    low: float
+    high: float
+    weight_out: float
+    weight_in: float
+
+    def gate(self, bank: npt.NDArray[np.floating[Any]]) -> TagGate:
+        """The gate over `bank`, L2-normalised in float32 as `load_head` does."""
+        unit = l2_normalise(bank.astype(np.float32))
+        return TagGate(unit, self.k, self.low, self.high, self.weight_out, self.weight_in)
+
+    def manifest(self) -> dict[str, Any]:
+        return {"bank": GATE_BANK_ARRAY, **dataclasses.asdict(self)}
+
+
 @dataclass
 class Setting:
-    """One (tag ConSE weight, anchor penalty) point of the sweep and what it measured."""
+    """One point of the sweep (fixed tag ConSE weight, or an in-domain gate, and an anchor penalty) and its results."""
 
     weight: float | None
     penalty: float
     dev: dict[str, float]
     photos: dict[str, Any]
+    gate: GateSpec | None = None
 
 
-def with_tag_setting(head: LearnedHead, conse: ConSEHead, weight: float | None, penalty: float) -> LearnedHead:
-    """A copy of the head with the given tagging knobs; the ConSE head is attached so both knobs can act."""
-    return dataclasses.replace(head, tag_conse_weight=weight, tag_anchor_penalty=penalty, conse=conse)
+def gate_bank(
+    head: Head,
+    split: SplitData,
+    image_texts: Sequence[Sequence[int]] | None = None,
+    size: int = GATE_BANK_SIZE,
+    seed: int = GATE_BANK_SEED,
+) -> npt.NDArray[np.float16]:
+    """The TagGate bank: one caption each of up to `size` random training images (fixed seed), as float16.
+
+    The captions' MiniLM embeddings are the split's (the served ONNX text model, `cached_text_embeddings`),
+    projected with `head.project_texts`. `image_texts` restricts the captions each image may give (e.g.
+    without held-out tags); by default every caption of the image counts.
+    """
+    texts = [list(t) for t in (split.image_texts() if image_texts is None else image_texts)]
+    candidates = [i for i, t in enumerate(texts) if t]
+    rng = np.random.default_rng(seed)
+    picked = sorted(int(i) for i in rng.choice(len(candidates), size=min(size, len(candidates)), replace=False))
+    rows = [texts[candidates[i]][int(rng.integers(len(texts[candidates[i]])))] for i in picked]
+    return head.project_texts(split.text_embeddings[rows]).astype(np.float16)
+
+
+def with_tag_setting(
+    head: LearnedHead,
+    conse: ConSEHead,
+    weight: float | None,
+    penalty: float,
+    gate: TagGate | None = None,
+) -> LearnedHead:
+    """A copy of the head with the given tagging knobs; the ConSE head is attached so every knob can act."""
+    return dataclasses.replace(head, tag_conse_weight=weight, tag_anchor_penalty=penalty, conse=conse, tag_gate=gate)
 
 
 def sweep_head(
@@ -198,6 +256,34 @@ def sweep_head(
     return out
 
 
+def gate_grid() -> list[tuple[GateSpec, float]]:
+    """Every (gate, anchor penalty) of the gated sweep."""
+    return [
+        (GateSpec(GATE_K, low, high, w_out, w_in), p)
+        for low, high in GATE_RAMPS
+        for w_out in GATE_WEIGHT_OUT
+        for w_in in GATE_WEIGHT_IN
+        for p in GATE_PENALTY_GRID
+    ]
+
+
+def sweep_gated(
+    head: LearnedHead,
+    conse: ConSEHead,
+    dev: SplitData,
+    vocab: Vocabulary,
+    photos: Photos,
+    bank: Matrix,
+    grid: Sequence[tuple[GateSpec, float]] | None = None,
+) -> list[Setting]:
+    out = []
+    for spec, p in gate_grid() if grid is None else grid:
+        h = with_tag_setting(head, conse, None, p, spec.gate(bank))
+        dev_m = split_metrics(h, dev, vocab.without(UNSEEN_TAG))
+        out.append(Setting(None, p, dev_m, photo_check(h, photos, vocab), spec))
+    return out
+
+
 def sweep_conse(
     conse: ConSEHead, dev: SplitData, vocab: Vocabulary, photos: Photos, penalties: Sequence[float] = TAG_PENALTY_GRID
 ) -> list[Setting]:
@@ -214,13 +300,32 @@ def choose(settings: Sequence[Setting]) -> Setting | None:
     return max(passing, key=lambda s: s.dev["miap"]) if passing else None
 
 
-def choose_tag_setting(
-    head_path: Path, data: Prepared, dev: SplitData, model_dir: Path, weight: float = -1.0, penalty: float = -1.0
-) -> tuple[float | None, float, dict[str, Any]]:
-    """The head's (tag_conse_weight, tag_anchor_penalty): given values (>= 0) or chosen on dev by `choose`.
+@dataclass
+class TagChoice:
+    """The tag knobs to store in a head: a fixed weight or a gate (with its bank), the penalty, the dev sweep."""
 
-    When no setting passes the photo checks the head keeps tag_conse_weight None (= conse_weight) and no
-    penalty, and the report says so.
+    weight: float | None
+    penalty: float
+    gate: GateSpec | None
+    bank: npt.NDArray[np.float16] | None
+    grid: list[dict[str, Any]]
+
+
+def choose_tag_setting(
+    head_path: Path,
+    data: Prepared,
+    dev: SplitData,
+    model_dir: Path,
+    weight: float = -1.0,
+    penalty: float = -1.0,
+    image_texts: Sequence[Sequence[int]] | None = None,
+) -> TagChoice:
+    """The head's tag knobs: the given fixed values (both >= 0), or chosen on dev by `choose`.
+
+    When either value is < 0 the fixed grid (restricted to the given value, if any) and the gated grid
+    (restricted to the given penalty, if any) are swept and the best passing setting wins. When none
+    passes, the head keeps tag_conse_weight None (= conse_weight), no penalty and no gate. `image_texts`
+    goes to `gate_bank` (training captions the bank may use).
     """
     conse = data.conse()
     head = load_head(head_path, image_model=data.image_model, feature_dim=1280, text_dim=384, conse=conse)
@@ -235,20 +340,24 @@ def choose_tag_setting(
         TAG_CONSE_GRID if weight < 0 else (weight,),
         TAG_PENALTY_GRID if penalty < 0 else (penalty,),
     )
-    report = {"grid": [setting_row(s) for s in settings]}
     if weight >= 0 and penalty >= 0:
-        return weight, penalty, report
+        return TagChoice(weight, penalty, None, None, [setting_row(s) for s in settings])
+    bank = gate_bank(head, data.splits["train"], image_texts)
+    gated_grid = [(g, p) for g, p in gate_grid() if penalty < 0 or p == penalty]
+    settings += sweep_gated(head, conse, dev, vocab, photos, bank.astype(np.float32), gated_grid)
+    grid = [setting_row(s) for s in settings]
     best = choose(settings)
     if best is None:
         log.warning("no tag setting passes the photo checks; keeping the head's search blend for tags")
-        return None, 0.0, report
-    return best.weight, best.penalty, report
+        return TagChoice(None, 0.0, None, None, grid)
+    return TagChoice(best.weight, best.penalty, best.gate, bank if best.gate else None, grid)
 
 
 def setting_row(s: Setting) -> dict[str, Any]:
     cat, coffee = s.photos["chelsea.png"], s.photos["coffee.png"]
     return {
         "tag_conse_weight": s.weight,
+        "tag_gate": None if s.gate is None else dataclasses.asdict(s.gate),
         "anchor_penalty": s.penalty,
         **{f"dev_{k}": round(v, 2) for k, v in s.dev.items()},
         "cat_rank": cat["cat_rank_plain"],
@@ -276,6 +385,75 @@ def grid_table(rows: Sequence[dict[str, Any]], what: str) -> str:
             f"{fmt_rank(r['coffee_rank'])} | {'yes' if r['passes'] else 'no'} |"
         )
     return "\n".join(lines)
+
+
+def gate_label(gate: dict[str, Any]) -> str:
+    return f"{gate['low']:.2f}-{gate['high']:.2f}, {gate['weight_out']:.1f} -> {gate['weight_in']:.1f}"
+
+
+def gated_rows(rows: Sequence[dict[str, Any]], passing: int = 10, failing: int = 4) -> list[dict[str, Any]]:
+    """The gated rows worth a table: the `passing` best passing ones by dev MiAP, then the `failing` best failing."""
+    gated = sorted((r for r in rows if r["tag_gate"] is not None), key=lambda r: -r["dev_miap"])
+    return [r for r in gated if r["passes"]][:passing] + [r for r in gated if not r["passes"]][:failing]
+
+
+def gated_table(rows: Sequence[dict[str, Any]]) -> str:
+    lines = [
+        "| Ramp low-high, ConSE weight out -> in | Anchor penalty | P@5 | hit@1 | MiAP | 'cat' rank | 'feline' rank "
+        "| coffee rank | Passes |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {gate_label(r['tag_gate'])} | {r['anchor_penalty']:.2f} | {r['dev_p@5']:.1f} | {r['dev_hit@1']:.1f} | "
+            f"{r['dev_miap']:.1f} | {r['cat_rank']} ({r['cat_rank_with_feline']}) | {fmt_rank(r['feline_rank'])} | "
+            f"{fmt_rank(r['coffee_rank'])} | {'yes' if r['passes'] else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
+def setting_text(weight: float | None, penalty: float, gate: GateSpec | None) -> str:
+    if gate is not None:
+        return (
+            f"gate k {gate.k}, ramp {gate.low:.2f}-{gate.high:.2f}, ConSE weight {gate.weight_out:.1f} -> "
+            f"{gate.weight_in:.1f}, penalty {penalty}"
+        )
+    return f"tag blend {weight}, penalty {penalty}"
+
+
+def gate_summary(head: LearnedHead, photos: Photos, split: SplitData) -> dict[str, Any]:
+    """In-domain scores and tag ConSE weights of the head's gate on the photos and on the split's person images."""
+    if head.tag_gate is None:
+        return {}
+    gate = head.tag_gate
+    alone = dataclasses.replace(head, tag_gate=None, tag_conse_weight=0.0, conse_weight=0.0, conse=None)
+
+    def learned(features: Matrix) -> Matrix:
+        return alone.tag_direction(features, None)
+
+    idx = [i for i, tags in enumerate(split.tags) if PERSON_WORDS & {fold(t) for t in tags}]
+    feats = split.features.view("orig")[0]
+    people, every = learned(feats[idx]), learned(feats)
+    out: dict[str, Any] = {
+        "photos": {
+            n: {"score": round(float(sc), 3), "weight": round(float(w), 3)}
+            for n, sc, w in zip(
+                photos.names,
+                gate.scores(learned(photos.features)),
+                gate.weights(learned(photos.features)),
+                strict=True,
+            )
+        }
+    }
+    for what, x in (("person_images", people), ("all_images", every)):
+        sc, w = gate.scores(x), gate.weights(x)
+        out[what] = {
+            "score_p10_median_p90": [round(float(v), 3) for v in np.percentile(sc, [10, 50, 90])],
+            "mean_weight": round(float(w.mean()), 3),
+            "share_at_weight_in": round(float(100.0 * np.mean(np.isclose(w, gate.weight_in))), 1),
+            "share_at_weight_out": round(float(100.0 * np.mean(np.isclose(w, gate.weight_out))), 1),
+        }
+    return out
 
 
 def test_table(results: dict[str, dict[str, Any]]) -> str:
@@ -329,14 +507,21 @@ Reproduce: `{report["command"]}`
 {report["conse_weight"]:.2f}), and ConSE alone with its `anchor_penalty` (the tagger's
 `IMGSEARCH_TAGGER_ANCHOR_PENALTY`). Ranks: 'cat' without (with) `{UNSEEN_TAG}` added.
 
-{grid_table(report["grid"], "Tag ConSE weight")}
+{grid_table([r for r in report["grid"] if r["tag_gate"] is None], "Tag ConSE weight")}
 
 {grid_table(report["conse_grid"], "Head")}
 
-**Chosen** (best dev MiAP among the passing settings): `tag_conse_weight` {chosen["tag_conse_weight"]},
-`tag_anchor_penalty` {chosen["tag_anchor_penalty"]}; written to `{report["head"]}`'s manifest. Best ConSE
-`anchor_penalty` by the same rule: {report["conse_chosen_penalty"]}.
+Gated settings (`TagGate`, k = {GATE_K}, bank: {report["gate_bank_size"]} training captions, one per image,
+seed {GATE_BANK_SEED}, projected with the head's text adapter): the tag ConSE weight ramps per image from
+"out" (in-domain score <= low) to "in" (score >= high), the score being the mean cosine of the learned
+direction to its {GATE_K} nearest bank captions. {gated_count_text(report["grid"])}
 
+{gated_table(gated_rows(report["grid"]))}
+
+**Chosen** (best dev MiAP among all passing settings, fixed and gated): {chosen_text(chosen)}; written to
+`{report["head"]}`. Best fixed setting by the same rule: {report["fixed_chosen"]}. Best ConSE
+`anchor_penalty` by the same rule: {report["conse_chosen_penalty"]}.
+{gate_text(report["results"][report["chosen_label"]].get("gate", {}))}
 ### Test (Flickr8k test)
 
 "Person word in top 5": over the {report["person_images"]} test images whose captions mention
@@ -359,6 +544,39 @@ Top 5 tags of the chosen setting on the first test images whose captions mention
 {END}"""
 
 
+def gated_count_text(grid: Sequence[dict[str, Any]]) -> str:
+    gated = [r for r in grid if r["tag_gate"] is not None]
+    passing = sum(r["passes"] for r in gated)
+    return (
+        f"{len(gated)} settings, {passing} pass; shown: the 10 best passing by dev MiAP, then the 4 best failing "
+        "(every row is in `served_tagging.grid` of docs/evaluation.json)."
+    )
+
+
+def chosen_text(chosen: dict[str, Any]) -> str:
+    gate = chosen.get("tag_gate")
+    if gate is None:
+        return f"`tag_conse_weight` {chosen['tag_conse_weight']}, `tag_anchor_penalty` {chosen['tag_anchor_penalty']}"
+    return (
+        f"`tag_gate` k {gate['k']}, low {gate['low']}, high {gate['high']}, weight_out {gate['weight_out']}, "
+        f"weight_in {gate['weight_in']}, `tag_anchor_penalty` {chosen['tag_anchor_penalty']}"
+    )
+
+
+def gate_text(summary: dict[str, Any]) -> str:
+    if not summary:
+        return ""
+    photos = ", ".join(f"{n} {v['score']:.3f} (weight {v['weight']:.2f})" for n, v in summary["photos"].items())
+    people, every = summary["person_images"], summary["all_images"]
+    p10, med, p90 = people["score_p10_median_p90"]
+    return (
+        f"\nIn-domain scores of the chosen gate (tag ConSE weight in brackets): {photos}. Test images whose "
+        f"captions mention a person: p10 / median / p90 {p10:.3f} / {med:.3f} / {p90:.3f}, mean weight "
+        f"{people['mean_weight']:.2f} ({people['share_at_weight_in']:.1f} % at the in-domain weight); all test "
+        f"images with a true entry: mean weight {every['mean_weight']:.2f}.\n"
+    )
+
+
 def write_section(path: Path, block: str) -> None:
     """Replace the served-tagging section of the document, or append it."""
     text = path.read_text(encoding="utf-8") if path.exists() else "# Evaluation\n"
@@ -369,27 +587,48 @@ def write_section(path: Path, block: str) -> None:
     path.write_text(text, encoding="utf-8")
 
 
-def tag_manifest(
-    manifest: dict[str, Any], weight: float | None, penalty: float, grid: Sequence[dict[str, Any]]
-) -> dict[str, Any]:
-    """The manifest with the tag knobs, the dev sweep and the chosen point's dev metrics (`dev_served_*`)."""
-    row = next((r for r in grid if r["tag_conse_weight"] == weight and r["anchor_penalty"] == penalty), {})
+def tag_manifest(manifest: dict[str, Any], choice: TagChoice) -> dict[str, Any]:
+    """The manifest with the tag knobs, the dev sweep and the chosen point's dev metrics (`dev_served_*`).
+
+    A gate replaces the fixed weight (`tag_conse_weight` None, `tag_gate` set); a fixed setting drops any gate.
+    """
+    gate = None if choice.gate is None else dataclasses.asdict(choice.gate)
+    row = next(
+        (
+            r
+            for r in choice.grid
+            if (r["tag_conse_weight"], r["anchor_penalty"], r["tag_gate"]) == (choice.weight, choice.penalty, gate)
+        ),
+        {},
+    )
     served = {f"dev_served_{k[4:]}": v for k, v in row.items() if k.startswith("dev_") and k != "dev_images"}
-    return {
+    out = {
         **manifest,
-        "tag_conse_weight": weight,
-        "tag_anchor_penalty": penalty,
-        "tag_sweep_dev": list(grid),
+        "tag_conse_weight": choice.weight,
+        "tag_anchor_penalty": choice.penalty,
+        "tag_sweep_dev": list(choice.grid),
         "metrics": {**manifest.get("metrics", {}), **served},
     }
+    out.pop("tag_gate", None)
+    if choice.gate is not None:
+        out["tag_gate"] = choice.gate.manifest()
+    return out
 
 
-def update_head(path: Path, weight: float | None, penalty: float, grid: Sequence[dict[str, Any]]) -> None:
-    """Re-save a head file with the tag knobs and their dev sweep added; every array and other key is kept."""
+def tag_arrays(arrays: dict[str, Any], choice: TagChoice) -> dict[str, Any]:
+    """The head's arrays with the gate's bank stored (a gate) or removed (a fixed setting)."""
+    out = {k: v for k, v in arrays.items() if k != GATE_BANK_ARRAY}
+    if choice.gate is not None and choice.bank is not None:
+        out[GATE_BANK_ARRAY] = choice.bank.astype(np.float16)
+    return out
+
+
+def update_head(path: Path, choice: TagChoice) -> None:
+    """Re-save a head file with the tag knobs (and gate bank) and their dev sweep; every other array and key is kept."""
     with np.load(path, allow_pickle=False) as data:
         arrays = {k: np.asarray(data[k]) for k in data.files if k != "manifest"}
         manifest: dict[str, Any] = json.loads(bytes(data["manifest"]).decode("utf-8"))
-    save_head(path, tag_manifest(manifest, weight, penalty, grid), arrays)
+    save_head(path, tag_manifest(manifest, choice), tag_arrays(arrays, choice))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -411,28 +650,39 @@ def main(argv: list[str] | None = None) -> int:
     dev, test = data.splits["dev"], data.splits["test"]
 
     settings = sweep_head(head, conse, dev, vocab, photos)
-    grid = [setting_row(s) for s in settings]
+    bank = gate_bank(head, data.splits["train"])
+    gated = sweep_gated(head, conse, dev, vocab, photos, bank.astype(np.float32))
+    grid = [setting_row(s) for s in settings + gated]
     conse_settings = sweep_conse(conse, dev, vocab, photos)
     conse_grid = [setting_row(s) for s in conse_settings]
-    best = choose(settings)
-    weight, penalty = (best.weight, best.penalty) if best else (None, 0.0)
+    best = choose(settings + gated)
+    choice = (
+        TagChoice(best.weight, best.penalty, best.gate, bank if best.gate else None, grid)
+        if best
+        else TagChoice(None, 0.0, None, None, grid)
+    )
+    best_fixed = choose(settings)
+    fixed_weight, fixed_penalty = (best_fixed.weight, best_fixed.penalty) if best_fixed else (None, 0.0)
     best_conse = choose(conse_settings)
     conse_penalty = best_conse.penalty if best_conse else conse.anchor_penalty
+    chosen_gate = None if choice.gate is None else choice.gate.gate(bank)
 
+    chosen_label = f"{args.head.stem}, chosen ({setting_text(choice.weight, choice.penalty, choice.gate)})"
     candidates: dict[str, Head] = {
         f"ConSE, anchor penalty {conse.anchor_penalty:.2f} (served default)": conse,
         f"{args.head.stem}, untouched (tag blend = conse_weight {head.conse_weight:.2f}, no penalty)": (
             with_tag_setting(head, conse, None, 0.0)
         ),
-        f"{args.head.stem}, chosen (tag blend {weight}, penalty {penalty})": with_tag_setting(
-            head, conse, weight, penalty
+        f"{args.head.stem}, best fixed ({setting_text(fixed_weight, fixed_penalty, None)})": with_tag_setting(
+            head, conse, fixed_weight, fixed_penalty
         ),
+        chosen_label: with_tag_setting(head, conse, choice.weight, choice.penalty, chosen_gate),
     }
     if conse_penalty != conse.anchor_penalty:
         candidates[f"ConSE, anchor penalty {conse_penalty:.2f}"] = dataclasses.replace(
             conse, anchor_penalty=conse_penalty
         )
-    results = {
+    results: dict[str, dict[str, Any]] = {
         label: {
             "test": split_metrics(h, test, plain),
             "photos": photo_check(h, photos, vocab),
@@ -440,7 +690,9 @@ def main(argv: list[str] | None = None) -> int:
         }
         for label, h in candidates.items()
     }
-    chosen_label = list(candidates)[2]
+    chosen_head = candidates[chosen_label]
+    if isinstance(chosen_head, LearnedHead) and chosen_head.tag_gate is not None:
+        results[chosen_label]["gate"] = gate_summary(chosen_head, photos, test)
     command = "python -m imgsearch.training.tagging " + " ".join(sys.argv[1:] if argv is None else argv)
     report: dict[str, Any] = {
         "command": command,
@@ -450,15 +702,22 @@ def main(argv: list[str] | None = None) -> int:
         "dev_images": int(grid[0]["dev_images"]),
         "test_images": int(results[chosen_label]["test"]["images"]),
         "person_images": results[chosen_label]["person"]["images"],
+        "gate_bank_size": int(bank.shape[0]),
         "grid": grid,
         "conse_grid": conse_grid,
-        "chosen": {"tag_conse_weight": weight, "tag_anchor_penalty": penalty},
+        "chosen": {
+            "tag_conse_weight": choice.weight,
+            "tag_anchor_penalty": choice.penalty,
+            "tag_gate": None if choice.gate is None else dataclasses.asdict(choice.gate),
+        },
+        "fixed_chosen": setting_text(fixed_weight, fixed_penalty, None),
         "conse_chosen_penalty": conse_penalty,
         "chosen_label": chosen_label,
         "results": results,
     }
-    print(grid_table(grid, "Tag ConSE weight"))
+    print(grid_table([r for r in grid if r["tag_gate"] is None], "Tag ConSE weight"))
     print(grid_table(conse_grid, "Head"))
+    print(gated_table(gated_rows(grid)))
     print(test_table(results))
     print(json.dumps({k: v["photos"] for k, v in results.items()}, indent=1))
     print(json.dumps(results[chosen_label]["person"], indent=1))
@@ -469,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
         payload["served_tagging"] = report
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
     if args.write_head and best is not None:
-        update_head(args.head, weight, penalty, grid)
+        update_head(args.head, choice)
     return 0
 
 

@@ -24,7 +24,7 @@ from imgsearch.training.evaluate import retrieval_metrics, selection_score
 from imgsearch.training.losses import cosine_regression, info_nce, pairwise_tag_ranking, triplet_hardest
 from imgsearch.training.metrics import recall_at, target_ranks
 from imgsearch.training.model import HeadModel, HeadSpec, export_head
-from imgsearch.training.tagging import choose_tag_setting, tag_manifest
+from imgsearch.training.tagging import choose_tag_setting, tag_arrays, tag_manifest
 from imgsearch.training.text import text_tags
 
 log = logging.getLogger("imgsearch.training.train")
@@ -60,7 +60,8 @@ class TrainConfig:
     holdout: bool = False  # drop the unseen tags (every caption that mentions one) from training
     conse_weight: float = -1.0  # < 0: choose on the dev split from CONSE_GRID
     # Tag ranking's own ConSE blend and anchor penalty; < 0: chosen on dev by imgsearch.training.tagging
-    # (best served-vocabulary MiAP among the settings that pass the out-of-domain photo checks).
+    # (best served-vocabulary MiAP among the settings that pass the out-of-domain photo checks), among
+    # fixed blends and in-domain gates (TagGate, its caption bank from the training split) alike.
     tag_conse_weight: float = -1.0
     tag_anchor_penalty: float = -1.0
     patience: int = 10
@@ -296,17 +297,18 @@ def train_and_export(
     head = load_head(out, image_model=data.image_model, feature_dim=1280, text_dim=384, conse=conse)
     head.conse_weight, head.conse = weight, conse if weight > 0 else None
     dev = retrieval_metrics(head, dev_split(data, cfg))
-    tag_weight, tag_penalty, tag_report = choose_tag_setting(
-        out, data, dev_split(data, cfg), model_dir, cfg.tag_conse_weight, cfg.tag_anchor_penalty
+    bank_texts = without_unseen(data.splits["train"], set(data.unseen), data.kind)[1] if cfg.holdout else None
+    tags = choose_tag_setting(
+        out, data, dev_split(data, cfg), model_dir, cfg.tag_conse_weight, cfg.tag_anchor_penalty, bank_texts
     )
     manifest.update(
         conse_weight=weight,
         conse_sweep_dev_score=sweep,
         metrics={f"dev_{k}": round(v, 2) for k, v in dev.items()},
     )
-    manifest = tag_manifest(manifest, tag_weight, tag_penalty, tag_report["grid"])
+    manifest = tag_manifest(manifest, tags)
     manifest["train_seconds"] = round(time.perf_counter() - t0, 1)
-    export_head(out, model, manifest)
+    export_head(out, model, manifest, extra=tag_arrays({}, tags))
     return manifest
 
 
@@ -358,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     dev = manifest["metrics"]
     print(
         f"{args.out}: best epoch {manifest['best_epoch']}, ConSE blend {manifest['conse_weight']:.2f}, "
-        f"tag blend {manifest['tag_conse_weight']}, tag anchor penalty {manifest['tag_anchor_penalty']}, "
+        f"tag blend {manifest['tag_conse_weight']}, tag gate {manifest.get('tag_gate')}, "
+        f"tag anchor penalty {manifest['tag_anchor_penalty']}, "
         f"dev T->I R@1/5/10/20 {dev['dev_t2i_r1']:.1f}/{dev['dev_t2i_r5']:.1f}/{dev['dev_t2i_r10']:.1f}/"
         f"{dev['dev_t2i_r20']:.1f}, {args.out.stat().st_size / 1e6:.2f} MB"
     )
