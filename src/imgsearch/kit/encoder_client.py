@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
-import numpy as np
 from grpc import aio
 
 from imgsearch.encoder.v1 import encoder_pb2, encoder_pb2_grpc
@@ -74,20 +73,6 @@ class EncoderClient:
             else:
                 out.append(from_vector(item.embedding))
         return out
-
-    async def embed_texts_strict(self, texts: Sequence[str], timeout: float, batch: int = 128) -> Matrix:
-        """Embeddings of texts that must all succeed (class names, starter tags)."""
-        rows: list[Matrix] = []
-        for start in range(0, len(texts), batch):
-            for text, res in zip(
-                texts[start : start + batch],
-                await self.encode_texts(texts[start : start + batch], timeout),
-                strict=True,
-            ):
-                if isinstance(res, ImgsearchError):
-                    raise ImgsearchError(f"cannot embed {text!r}: {res.message}")
-                rows.append(res)
-        return np.stack(rows).astype(np.float32) if rows else np.zeros((0, 0), dtype=np.float32)
 
     async def encode_images(
         self, images: Sequence[tuple[bytes, str]], include_logits: bool, timeout: float

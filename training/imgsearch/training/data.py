@@ -11,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 
 from imgsearch.tagger.heads import ConSEHead
-from imgsearch.training.datasets import SPLITS, Sample, fingerprint, open_dataset
+from imgsearch.training.datasets import SPLITS, fingerprint, open_dataset
 from imgsearch.training.features import (
     CACHE_DIR,
     ImageFeatures,
@@ -160,8 +160,3 @@ def prepare(
         class_embeddings=class_emb,
         word_vectors=word_vectors,
     )
-
-
-def samples_of(data: Path) -> list[Sample]:
-    """The samples of a dataset path, in reader order."""
-    return list(open_dataset(data).samples())

@@ -147,7 +147,7 @@ def compute_loss(model: HeadModel, cfg: TrainConfig, images: Any, texts: Any, ta
     raise ValueError(f"unknown loss {cfg.loss!r}; choose from {', '.join(LOSSES)}")
 
 
-def dev_metrics(model: HeadModel, split: SplitData, image_ids: list[int] | None = None) -> dict[str, float]:
+def dev_metrics(model: HeadModel, split: SplitData) -> dict[str, float]:
     """Text->image recall on the dev split with the torch model (fast path used every epoch)."""
     model.eval()
     with torch.no_grad():

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 import grpc
 from grpc import aio
 
-from imgsearch.common.v1 import common_pb2
 from imgsearch.index.v1 import index_pb2, index_pb2_grpc
 from imgsearch.kit.convert import Matrix, from_vector, stack, to_vector
 from imgsearch.kit.peers import peer_error
@@ -244,6 +243,3 @@ def shard_for(image_id: str, shards: Sequence[ShardClient]) -> ShardClient:
         return hashlib.sha256(f"{shard.name}\x00{image_id}".encode()).digest()
 
     return max(shards, key=weight)
-
-
-SPACE_NAMES = {common_pb2.SPACE_VISUAL: "visual", common_pb2.SPACE_SEMANTIC: "semantic"}
