@@ -80,8 +80,9 @@ class Runner:
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 0),
             # Clients re-resolve and rebalance when a connection ages out: autoscaled pods get traffic.
+            # The grace lets a long AddImages stream already in flight finish on the old connection.
             ("grpc.max_connection_age_ms", 300_000),
-            ("grpc.max_connection_age_grace_ms", 30_000),
+            ("grpc.max_connection_age_grace_ms", 600_000),
         ]
         self.server = aio.server(
             interceptors=[*app.interceptors, ServerInterceptor()],
