@@ -14,8 +14,8 @@ import pytest_asyncio
 from imgsearch.encoder.core import Encoder, ImageEncoding, ImageItem
 from imgsearch.encoder.settings import EncoderSettings
 from imgsearch.kit.convert import Matrix
-from imgsearch.kit.encoder_client import ModelInfo
 from imgsearch.kit.errors import FailedPrecondition, ImgsearchError, InvalidArgument, NotFound, ResourceExhausted
+from imgsearch.models.manifest import ModelInfo
 from imgsearch.tagger.core import Tagger, starter_vocabulary
 from imgsearch.tagger.heads import ConSEHead, l2_normalise, save_head
 from imgsearch.tagger.settings import TaggerSettings
@@ -29,17 +29,7 @@ class InProcessEncoder:
         self.text_calls = 0
 
     async def model_info(self, timeout: float) -> ModelInfo:
-        i = self.encoder.info()
-        return ModelInfo(
-            i.image_model,
-            i.image_model_version,
-            i.feature_dim,
-            list(i.class_labels),
-            i.text_model,
-            i.text_model_version,
-            i.text_dim,
-            list(i.providers),
-        )
+        return self.encoder.info()
 
     async def encode_texts(self, texts: Sequence[str], timeout: float) -> list[Matrix | ImgsearchError]:
         self.text_calls += 1

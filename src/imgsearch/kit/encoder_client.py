@@ -12,20 +12,7 @@ from imgsearch.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from imgsearch.kit.convert import Matrix, error_code, from_vector
 from imgsearch.kit.errors import ImgsearchError
 from imgsearch.kit.peers import PeerError, peer_error
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the encoder serves."""
-
-    image_model: str
-    image_model_version: str
-    feature_dim: int
-    class_labels: list[str]
-    text_model: str
-    text_model_version: str
-    text_dim: int
-    providers: list[str]
+from imgsearch.models.manifest import ModelInfo
 
 
 @dataclass(frozen=True)
@@ -52,12 +39,13 @@ class EncoderClient:
         return ModelInfo(
             image_model=r.image_model,
             image_model_version=r.image_model_version,
+            image_size=r.image_size,
             feature_dim=r.feature_dim,
-            class_labels=list(r.class_labels),
+            class_labels=tuple(r.class_labels),
             text_model=r.text_model,
             text_model_version=r.text_model_version,
             text_dim=r.text_dim,
-            providers=list(r.providers),
+            providers=tuple(r.providers),
         )
 
     async def encode_texts(self, texts: Sequence[str], timeout: float) -> list[Matrix | ImgsearchError]:

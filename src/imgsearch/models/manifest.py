@@ -35,6 +35,21 @@ IMAGE_MODELS: dict[str, ImageModelSpec] = {
 }
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    """Which models the encoder serves and what they produce (its GetModelInfo answer)."""
+
+    image_model: str
+    image_model_version: str
+    image_size: int
+    feature_dim: int
+    class_labels: tuple[str, ...]
+    text_model: str
+    text_model_version: str
+    text_dim: int
+    providers: tuple[str, ...]
+
+
 def default_model_dir() -> Path:
     """Model directory: $IMGSEARCH_MODEL_DIR, else ./models next to the checkout."""
     return Path(os.environ.get("IMGSEARCH_MODEL_DIR", "models")).resolve()

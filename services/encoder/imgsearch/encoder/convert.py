@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from imgsearch.encoder.core import ImageEncoding, ImageItem, ImageResult, ModelInfo, TextResult
+from imgsearch.encoder.core import ImageEncoding, ImageItem, ImageResult, TextResult
 from imgsearch.encoder.v1 import encoder_pb2
 from imgsearch.kit.convert import item_error, to_vector
+from imgsearch.models.manifest import ModelInfo
 
 
 def image_items(request: encoder_pb2.EncodeImagesRequest) -> list[ImageItem]:

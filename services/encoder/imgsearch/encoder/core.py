@@ -21,7 +21,7 @@ from imgsearch.encoder.batching import MicroBatcher
 from imgsearch.encoder.imaging import DecodedImage, ImageDecodeError, ImageLimits, decode_image
 from imgsearch.encoder.settings import EncoderSettings
 from imgsearch.kit.errors import FailedPrecondition, ImgsearchError, InvalidArgument, ResourceExhausted
-from imgsearch.models.manifest import ModelManifest
+from imgsearch.models.manifest import ModelInfo, ModelManifest
 
 log = logging.getLogger(__name__)
 
@@ -45,21 +45,6 @@ class ImageEncoding:
     logits: Vector
     width: int
     height: int
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """Which models are served and what they produce."""
-
-    image_model: str
-    image_model_version: str
-    image_size: int
-    feature_dim: int
-    class_labels: tuple[str, ...]
-    text_model: str
-    text_model_version: str
-    text_dim: int
-    providers: tuple[str, ...]
 
 
 ImageResult = ImageEncoding | ImgsearchError

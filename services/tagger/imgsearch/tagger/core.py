@@ -18,7 +18,6 @@ import numpy as np
 import numpy.typing as npt
 
 from imgsearch.kit.convert import Matrix
-from imgsearch.kit.encoder_client import ModelInfo
 from imgsearch.kit.errors import (
     FailedPrecondition,
     ImgsearchError,
@@ -26,6 +25,7 @@ from imgsearch.kit.errors import (
     NotFound,
     ResourceExhausted,
 )
+from imgsearch.models.manifest import ModelInfo
 from imgsearch.tagger import metrics
 from imgsearch.tagger.heads import ConSEHead, Head, load_head
 from imgsearch.tagger.settings import TaggerSettings
@@ -338,8 +338,8 @@ class Tagger:
             mask = state.seen
         elif which == "unseen":
             mask = ~state.seen
-        order = [i for i in range(state.size) if mask[i]]  # keys are stored sorted
-        order.sort(key=lambda i: state.keys[i])
+        # Added tags are appended to the snapshot, so its order is not the key order.
+        order = sorted((i for i in range(state.size) if mask[i]), key=lambda i: state.keys[i])
         total = len(order)
         start = 0
         if after:
