@@ -17,7 +17,7 @@ PROTO_STAMP := build/.protos
 MODEL_STAMP := $(MODEL_DIR)/manifest.json
 export IMGSEARCH_MODEL_DIR := $(abspath $(MODEL_DIR))
 
-.PHONY: help install protos models run up down status test test-unit test-integration lint buf-lint bench \
+.PHONY: help install protos models run up down status test test-unit test-integration lint buf-lint buf-breaking bench \
         k8s-validate train experiments eval clean
 
 help:  ## list targets
@@ -65,7 +65,14 @@ status:  ## health of each service of the local stack
 buf-lint: .tools/node_modules/.bin/buf  ## lint the protobuf contracts
 	cd protos && ../.tools/node_modules/.bin/buf lint
 
-lint: $(PROTO_STAMP) buf-lint  ## ruff, mypy, buf lint
+# The contracts as last released (protos/releases/, `buf build -o` at the release): a change that would break
+# a client built against them needs a new package version (v2) instead.
+PROTO_RELEASE := protos/releases/v0.1.0.binpb
+
+buf-breaking: .tools/node_modules/.bin/buf  ## fail on a breaking change to the released contracts
+	cd protos && ../.tools/node_modules/.bin/buf breaking --against ../$(PROTO_RELEASE)
+
+lint: $(PROTO_STAMP) buf-lint buf-breaking  ## ruff, mypy, buf lint, buf breaking
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy src services training scripts tests
@@ -106,4 +113,4 @@ bench: $(MODEL_STAMP)  ## run the benchmarks (results go in docs/benchmarks.md b
 
 clean:  ## remove generated files, the venv, models and local state
 	rm -rf $(VENV) build .tools var $(MODEL_DIR) .mypy_cache .ruff_cache .pytest_cache
-	rm -rf src/imgsearch/common/v1 services/*/imgsearch/*/v1
+	rm -rf src/imgsearch/api/*/

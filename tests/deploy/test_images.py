@@ -155,7 +155,7 @@ def test_dockerignore_semantics(ignore: DockerIgnore) -> None:
     assert not ignore.ignored("pyproject.toml")
     assert ignore.ignored(".venv/bin/python")
     assert ignore.ignored("models/efficientnet-lite0.onnx")
-    assert ignore.ignored("services/gateway/imgsearch/gateway/v1/gateway_pb2.py")
+    assert ignore.ignored("src/imgsearch/api/gateway/v1/gateway_pb2.py")
     assert ignore.ignored("src/imgsearch/kit/__pycache__/server.cpython-311.pyc")
     assert ignore.ignored("tests/unit/test_auth.py")
     assert ignore.ignored("requirements/deploy.txt")
@@ -251,13 +251,13 @@ def test_wheel_from_the_build_context_holds_every_service(
     names = set(zipfile.ZipFile(wheel).namelist())
     for service in SERVICES:
         assert f"imgsearch/{service}/__main__.py" in names
-        assert f"imgsearch/{service}/v1/{service}_pb2.py" in names
+        assert f"imgsearch/api/{service}/v1/{service}_pb2.py" in names
         assert f"imgsearch/{service}/settings.py" in names
     for needed in (
         "imgsearch/kit/auth.py",
         "imgsearch/kit/tls.py",
         "imgsearch/models/manifest.py",
-        "imgsearch/common/v1/common_pb2.py",
+        "imgsearch/api/common/v1/common_pb2.py",
         "imgsearch/tagger/everyday_words.txt",
     ):
         assert needed in names, needed

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from prometheus_client.parser import text_string_to_metric_families
 
-from imgsearch.encoder.v1 import encoder_pb2, encoder_pb2_grpc
+from imgsearch.api.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from tests.harness import ServiceProcess
 
 SERVICE = "imgsearch.encoder.v1.EncoderService"

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from imgsearch.common.v1 import common_pb2
-from imgsearch.index.v1 import index_pb2, index_pb2_grpc
+from imgsearch.api.common.v1 import common_pb2
+from imgsearch.api.index.v1 import index_pb2, index_pb2_grpc
 from tests.harness import ServiceProcess
 
 VD, SD = 1280, 384

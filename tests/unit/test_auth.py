@@ -13,8 +13,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import REGISTRY
 
+from imgsearch.api.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from imgsearch.gateway.servicer import WRITE_METHODS as GATEWAY_WRITE_METHODS
-from imgsearch.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from imgsearch.kit.auth import (
     BearerTokenInterceptor,
     TokenFileError,

@@ -6,12 +6,12 @@ import grpc
 import numpy as np
 import pytest
 
-from imgsearch.common.v1 import common_pb2
+from imgsearch.api.common.v1 import common_pb2
+from imgsearch.api.index.v1 import index_pb2
 from imgsearch.index import convert
 from imgsearch.index.core import ScanPage, Space
 from imgsearch.index.servicer import IndexServicer
 from imgsearch.index.store import StoredRecord
-from imgsearch.index.v1 import index_pb2
 from imgsearch.kit.errors import InvalidArgument, Unavailable
 
 

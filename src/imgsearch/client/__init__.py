@@ -10,8 +10,8 @@ from typing import Any
 
 import grpc
 
-from imgsearch.common.v1 import common_pb2
-from imgsearch.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from imgsearch.api.common.v1 import common_pb2
+from imgsearch.api.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:50050"
 SPACES = {"visual": common_pb2.SPACE_VISUAL, "semantic": common_pb2.SPACE_SEMANTIC}

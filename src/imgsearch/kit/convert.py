@@ -8,7 +8,7 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
-from imgsearch.common.v1 import common_pb2
+from imgsearch.api.common.v1 import common_pb2
 from imgsearch.kit.errors import ImgsearchError, InvalidArgument
 
 Matrix = npt.NDArray[np.float32]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import grpc
 from grpc import aio
 
-from imgsearch.encoder.v1 import encoder_pb2, encoder_pb2_grpc
+from imgsearch.api.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from imgsearch.kit.convert import Matrix, error_code, from_vector
 from imgsearch.kit.errors import ImgsearchError
 from imgsearch.kit.peers import PeerError, peer_error

@@ -7,11 +7,11 @@ import logging
 
 from grpc import aio
 
+from imgsearch.api.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from imgsearch.encoder import metrics
 from imgsearch.encoder.core import Encoder
 from imgsearch.encoder.servicer import EncoderServicer
 from imgsearch.encoder.settings import EncoderSettings
-from imgsearch.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from imgsearch.kit.server import ServiceApp, methods_of
 from imgsearch.kit.settings import load_settings
 

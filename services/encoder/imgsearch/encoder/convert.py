@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from imgsearch.api.encoder.v1 import encoder_pb2
 from imgsearch.encoder.core import ImageEncoding, ImageItem, ImageResult, TextResult
-from imgsearch.encoder.v1 import encoder_pb2
 from imgsearch.kit.convert import item_error, to_vector
 from imgsearch.models.manifest import ModelInfo
 

@@ -7,9 +7,9 @@ from typing import Any
 
 from grpc import aio
 
+from imgsearch.api.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from imgsearch.encoder import convert
 from imgsearch.encoder.core import Encoder
-from imgsearch.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from imgsearch.kit.errors import Unavailable
 
 Context = aio.ServicerContext[Any, Any]

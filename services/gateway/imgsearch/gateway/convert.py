@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 
-from imgsearch.common.v1 import common_pb2
+from imgsearch.api.common.v1 import common_pb2
+from imgsearch.api.gateway.v1 import gateway_pb2
+from imgsearch.api.tagger.v1 import tagger_pb2
 from imgsearch.gateway.core import AddResult, DeleteOutcome, HeadSwitch, NewImage, SearchResult
 from imgsearch.gateway.peers import StoredRecord
-from imgsearch.gateway.v1 import gateway_pb2
 from imgsearch.kit.convert import item_error
-from imgsearch.tagger.v1 import tagger_pb2
 
 
 async def new_images(requests: AsyncIterator[gateway_pb2.AddImagesRequest]) -> AsyncIterator[NewImage]:

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from imgsearch.common.v1 import common_pb2
+from imgsearch.api.common.v1 import common_pb2
+from imgsearch.api.tagger.v1 import tagger_pb2
 from imgsearch.gateway import metrics
 from imgsearch.gateway.peers import Hit, NewRecord, ShardClient, StoredRecord, TaggerClient, shard_for
 from imgsearch.gateway.settings import GatewaySettings
@@ -30,7 +31,6 @@ from imgsearch.kit.errors import (
     Unavailable,
 )
 from imgsearch.kit.peers import PeerError
-from imgsearch.tagger.v1 import tagger_pb2
 
 log = logging.getLogger(__name__)
 

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 import grpc
 from grpc import aio
 
-from imgsearch.index.v1 import index_pb2, index_pb2_grpc
+from imgsearch.api.index.v1 import index_pb2, index_pb2_grpc
+from imgsearch.api.tagger.v1 import tagger_pb2, tagger_pb2_grpc
 from imgsearch.kit.convert import Matrix, from_vector, stack, to_vector
 from imgsearch.kit.peers import peer_error
-from imgsearch.tagger.v1 import tagger_pb2, tagger_pb2_grpc
 
 
 @dataclass(frozen=True)

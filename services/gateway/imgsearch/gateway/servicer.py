@@ -7,11 +7,11 @@ from typing import Any
 
 from grpc import aio
 
+from imgsearch.api.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from imgsearch.gateway import convert, metrics
 from imgsearch.gateway.core import Gateway
 from imgsearch.gateway.peers import ShardClient, TaggerClient
 from imgsearch.gateway.settings import GatewaySettings
-from imgsearch.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from imgsearch.kit.auth import TokenFileError, auth_interceptor
 from imgsearch.kit.encoder_client import EncoderClient
 from imgsearch.kit.peers import peer_channel, timeout_for

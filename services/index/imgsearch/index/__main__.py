@@ -6,10 +6,10 @@ import asyncio
 
 from grpc import aio
 
+from imgsearch.api.index.v1 import index_pb2, index_pb2_grpc
 from imgsearch.index.core import ShardIndex
 from imgsearch.index.servicer import IndexServicer
 from imgsearch.index.settings import IndexSettings
-from imgsearch.index.v1 import index_pb2, index_pb2_grpc
 from imgsearch.kit.server import ServiceApp, methods_of, run
 from imgsearch.kit.settings import load_settings
 

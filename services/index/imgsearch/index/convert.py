@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from imgsearch.common.v1 import common_pb2
+from imgsearch.api.common.v1 import common_pb2
+from imgsearch.api.index.v1 import index_pb2
 from imgsearch.index.core import (
     Hit,
     RecordInput,
@@ -17,7 +18,6 @@ from imgsearch.index.core import (
     WriteResult,
 )
 from imgsearch.index.store import StoredRecord
-from imgsearch.index.v1 import index_pb2
 from imgsearch.kit.convert import item_error, to_vector
 from imgsearch.kit.errors import InvalidArgument
 

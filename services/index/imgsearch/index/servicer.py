@@ -7,9 +7,9 @@ from typing import Any
 
 from grpc import aio
 
+from imgsearch.api.index.v1 import index_pb2, index_pb2_grpc
 from imgsearch.index import convert
 from imgsearch.index.core import ShardIndex
-from imgsearch.index.v1 import index_pb2, index_pb2_grpc
 from imgsearch.kit.errors import Unavailable
 
 Context = aio.ServicerContext[Any, Any]

@@ -7,6 +7,7 @@ from typing import Any
 
 from grpc import aio
 
+from imgsearch.api.tagger.v1 import tagger_pb2, tagger_pb2_grpc
 from imgsearch.kit import convert as common
 from imgsearch.kit.encoder_client import EncoderClient
 from imgsearch.kit.errors import InvalidArgument
@@ -16,7 +17,6 @@ from imgsearch.kit.settings import load_settings
 from imgsearch.tagger import convert
 from imgsearch.tagger.core import Tagger
 from imgsearch.tagger.settings import TaggerSettings
-from imgsearch.tagger.v1 import tagger_pb2, tagger_pb2_grpc
 
 Ctx = aio.ServicerContext[Any, Any]
 

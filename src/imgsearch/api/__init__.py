@@ -1,0 +1,1 @@
+"""The contracts package: Python stubs generated from protos/ (make protos), one per proto package."""
