@@ -19,8 +19,8 @@ from PIL import Image
 
 from imgsearch.client import GatewayClient, ImageToAdd
 from imgsearch.devstack import GALLERY, Stack, alive, health
+from imgsearch.heads import save_head
 from imgsearch.models.manifest import ModelManifest
-from imgsearch.tagger.heads import save_head
 from tests.harness import free_port_range
 
 pytestmark = pytest.mark.slow

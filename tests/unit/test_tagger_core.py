@@ -13,11 +13,11 @@ import pytest_asyncio
 
 from imgsearch.encoder.core import Encoder, ImageEncoding, ImageItem
 from imgsearch.encoder.settings import EncoderSettings
+from imgsearch.heads import ConSEHead, l2_normalise, save_head
 from imgsearch.kit.convert import Matrix
 from imgsearch.kit.errors import FailedPrecondition, ImgsearchError, InvalidArgument, NotFound, ResourceExhausted
 from imgsearch.models.manifest import ModelInfo
 from imgsearch.tagger.core import Tagger, starter_vocabulary
-from imgsearch.tagger.heads import ConSEHead, l2_normalise, save_head
 from imgsearch.tagger.settings import TaggerSettings
 
 
@@ -267,7 +267,7 @@ def test_tag_gate_blends_per_image_by_in_domain_score(tmp_path: Path) -> None:
         },
         {"w": w, "b": np.zeros(384, dtype=np.float32), "bank": bank},
     )
-    from imgsearch.tagger.heads import load_head
+    from imgsearch.heads import load_head
 
     head = load_head(path, image_model="efficientnet-lite0@abc", feature_dim=1280, text_dim=384, conse=conse)
     assert head.needs_logits and head.tag_gate is not None

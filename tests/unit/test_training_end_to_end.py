@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from imgsearch.heads import load_head
 from imgsearch.kit.errors import FailedPrecondition
 from imgsearch.models.manifest import ModelManifest
-from imgsearch.tagger.heads import load_head
 from imgsearch.training.data import Prepared, prepare
 from imgsearch.training.evaluate import retrieval_metrics, tagging_metrics
 from imgsearch.training.model import export_head

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from imgsearch.tagger.heads import ConSEHead, l2_normalise, load_head, save_head
+from imgsearch.heads import ConSEHead, l2_normalise, load_head, save_head
 from imgsearch.training.tagging import (
     GateSpec,
     Setting,

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from imgsearch.tagger.heads import ConSEHead
+from imgsearch.heads import ConSEHead
 from imgsearch.training.datasets import SPLITS, fingerprint, open_dataset
 from imgsearch.training.features import (
     CACHE_DIR,

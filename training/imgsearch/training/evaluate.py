@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from imgsearch.heads import Head, load_head, read_head_manifest
 from imgsearch.kit.errors import ImgsearchError
 from imgsearch.models.manifest import ModelManifest
-from imgsearch.tagger.heads import Head, load_head, read_head_manifest
 from imgsearch.training.data import Prepared, SplitData, prepare
 from imgsearch.training.features import Matrix
 from imgsearch.training.metrics import (

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imgsearch.tagger.heads import save_head
+from imgsearch.heads import save_head
 from imgsearch.training.features import Matrix
 
 MLP_HIDDEN = (1024, 512)

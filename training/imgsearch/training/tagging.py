@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from imgsearch.heads import ConSEHead, Head, LearnedHead, TagGate, l2_normalise, load_head, save_head
 from imgsearch.tagger.core import starter_vocabulary
-from imgsearch.tagger.heads import ConSEHead, Head, LearnedHead, TagGate, l2_normalise, load_head, save_head
 from imgsearch.training.data import Prepared, SplitData, prepare
 from imgsearch.training.features import Matrix, OnnxImageModel, OnnxTextModel, cached_text_embeddings
 from imgsearch.training.metrics import tag_metrics

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from imgsearch.heads import load_head
 from imgsearch.models.manifest import ModelManifest
-from imgsearch.tagger.heads import load_head
 from imgsearch.training.data import Prepared, SplitData, prepare
 from imgsearch.training.evaluate import retrieval_metrics, selection_score
 from imgsearch.training.losses import cosine_regression, info_nce, pairwise_tag_ranking, triplet_hardest

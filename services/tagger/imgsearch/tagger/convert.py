@@ -8,10 +8,10 @@ import numpy as np
 
 from imgsearch.api.common.v1 import common_pb2
 from imgsearch.api.tagger.v1 import tagger_pb2
+from imgsearch.heads import Head
 from imgsearch.kit.convert import Matrix, from_vector, item_error, to_vector
 from imgsearch.kit.errors import InvalidArgument
 from imgsearch.tagger.core import RankedTag, TagChange, TagInfo
-from imgsearch.tagger.heads import Head
 
 
 def signals(images: Sequence[tagger_pb2.ImageSignal]) -> tuple[Matrix, Matrix | None]:

@@ -17,6 +17,7 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
+from imgsearch.heads import ConSEHead, Head, load_head
 from imgsearch.kit.convert import Matrix
 from imgsearch.kit.errors import (
     FailedPrecondition,
@@ -27,7 +28,6 @@ from imgsearch.kit.errors import (
 )
 from imgsearch.models.manifest import ModelInfo
 from imgsearch.tagger import metrics
-from imgsearch.tagger.heads import ConSEHead, Head, load_head
 from imgsearch.tagger.settings import TaggerSettings
 from imgsearch.tagger.store import StoredTag, VocabularyStore, now_ms, tag_key
 

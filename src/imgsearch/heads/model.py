@@ -1,4 +1,4 @@
-"""Projection heads: map an image into the text-embedding space (its principal direction)."""
+"""Projection heads: map an image into the text-embedding space (its principal direction), in process."""
 
 from __future__ import annotations
 
