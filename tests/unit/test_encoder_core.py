@@ -19,10 +19,11 @@ import pytest_asyncio
 from prometheus_client import REGISTRY
 
 from imgsearch.encoder.batching import DeadlineExceeded, MicroBatcher
-from imgsearch.encoder.core import Encoder, ImageEncoding, ImageItem, select_providers
+from imgsearch.encoder.core import Encoder, ImageEncoding, ImageItem
 from imgsearch.encoder.settings import EncoderSettings
 from imgsearch.kit.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from imgsearch.models.manifest import MANIFEST_NAME, ModelManifest
+from imgsearch.models.runtime import RuntimeOptions, select_providers
 
 CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian Mau
 
@@ -296,7 +297,7 @@ def test_providers_are_the_ordered_intersection(
 
 
 def test_unknown_provider_names_are_ignored_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="imgsearch.encoder.core"):
+    with caplog.at_level(logging.WARNING, logger="imgsearch.models.runtime"):
         chosen = select_providers(["CudaProvider", "CPUExecutionProvider"], ["CPUExecutionProvider"], KNOWN)
     assert chosen == ["CPUExecutionProvider"]
     assert any("CudaProvider" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
@@ -320,6 +321,27 @@ def test_model_files_that_do_not_match_the_manifest_are_refused(model_dir: Path,
 def test_settings_parse_a_comma_separated_provider_list(model_dir: Path) -> None:
     settings = make_settings(model_dir, providers=" CUDAExecutionProvider , CPUExecutionProvider ,")
     assert settings.providers == ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def test_settings_become_runtime_options(model_dir: Path, tmp_path: Path) -> None:
+    settings = make_settings(
+        model_dir,
+        providers="CUDAExecutionProvider,CPUExecutionProvider",
+        intra_op_threads=3,
+        inter_op_threads=2,
+        graph_optimization="extended",
+        device_id=1,
+        trt_cache_dir=tmp_path,
+    )
+    assert settings.runtime_options() == RuntimeOptions(
+        providers=("CUDAExecutionProvider", "CPUExecutionProvider"),
+        intra_op_threads=3,
+        inter_op_threads=2,
+        graph_optimization="extended",
+        device_id=1,
+        trt_cache_dir=tmp_path,
+    )
+    assert make_settings(model_dir).runtime_options() == RuntimeOptions()
 
 
 def test_serving_path_does_not_import_torch() -> None:

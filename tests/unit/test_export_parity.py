@@ -14,6 +14,7 @@ import pytest_asyncio
 from imgsearch.encoder.core import Encoder, ImageEncoding, ImageItem
 from imgsearch.encoder.imaging import ImageLimits, decode_image
 from imgsearch.encoder.settings import EncoderSettings
+from imgsearch.models.runtime import normalise
 
 pytestmark = pytest.mark.slow
 
@@ -70,6 +71,24 @@ async def test_image_model_matches_pytorch(
     assert np.abs(onnx_features - t_features.numpy()).max() < 1e-3
     assert np.abs(onnx_logits - t_logits.numpy()).max() < 1e-3
     assert (np.argmax(onnx_logits, axis=1) == t_logits.numpy().argmax(axis=1)).all()
+
+
+async def test_graph_preprocessing_is_the_runtimes_normalise(
+    encoder: Encoder, torch_image_model: Any, sample_photos: dict[str, bytes]
+) -> None:
+    import torch
+
+    # The bare network fed our numpy mean 0.5 / std 0.5 NCHW float32 tensor must give what the served
+    # graph gives for the uint8 pixels: the graph's own preprocessing is exactly `normalise`.
+    pixels = np.stack([decode_image(sample_photos[n], 224, ImageLimits()).pixels for n in PHOTOS])
+    x = normalise(pixels)
+    assert x.dtype == np.float32 and x.shape == (len(PHOTOS), 3, 224, 224)
+    assert float(x.min()) >= -1.0 and float(x.max()) <= 1.0
+    with torch.no_grad():
+        net = torch_image_model.net
+        features = net.extract_features(torch.from_numpy(x)).mean(dim=(2, 3)).numpy()
+    served, _ = encoder.image_model.run(pixels)
+    assert np.abs(served - features).max() < 1e-3
 
 
 async def test_cat_photo_top1_is_a_cat_class(encoder: Encoder, sample_photos: dict[str, bytes]) -> None:

@@ -1,1 +1,1 @@
-"""Model files: export from registry packages (build time) and their manifest (run time)."""
+"""Model files and their runtime: export (build time), manifest, decoding and ONNX Runtime sessions (run time)."""

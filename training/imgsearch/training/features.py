@@ -9,32 +9,26 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 from tqdm import tqdm
 
-from imgsearch.encoder.imaging import ImageLimits, decode_image
-from imgsearch.models.manifest import ModelManifest
+from imgsearch.models.runtime import CPU, ImageModel, Pixels, RuntimeOptions, TextModel
+from imgsearch.models.runtime import Matrix as Matrix
 from imgsearch.training.datasets import Sample
 
 log = logging.getLogger(__name__)
 
-Matrix = npt.NDArray[np.float32]
+
 CACHE_DIR = Path(__file__).resolve().parents[2] / "cache"
 # "orig" is what the service computes; "flip" is the horizontal mirror, for test-time averaging and
 # as free training-time augmentation.
 VIEWS = ("orig", "flip")
 
 
-def _session(path: Path, threads: int) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+def training_options(threads: int = 0) -> RuntimeOptions:
+    """The encoder's session options, on CPU: cached features must not depend on which machine made them."""
+    return RuntimeOptions(providers=(CPU,), intra_op_threads=threads)
 
 
 @dataclass
@@ -56,24 +50,14 @@ class ImageFeatures:
         return self.features[idx].mean(axis=0), self.logits[idx].mean(axis=0)
 
 
-class OnnxImageModel:
-    """The served image model: decode exactly as the encoder does, then features + logits."""
+class OnnxImageModel(ImageModel):
+    """The served image model through the shared runtime: decoded exactly as the encoder decodes."""
 
     def __init__(self, model_dir: Path, threads: int = 0) -> None:
-        self.manifest = ModelManifest.load(model_dir)
-        self.session = _session(model_dir / self.manifest.image_file, threads)
-        self.limits = ImageLimits()
+        super().__init__(model_dir, training_options(threads))
 
-    @property
-    def version(self) -> str:
-        return self.manifest.image_version
-
-    def decode(self, path: Path) -> npt.NDArray[np.uint8]:
-        return decode_image(path.read_bytes(), self.manifest.image_size, self.limits, name=path.name).pixels
-
-    def run(self, pixels: npt.NDArray[np.uint8]) -> tuple[Matrix, Matrix]:
-        features, logits = self.session.run(["features", "logits"], {"pixels": pixels})
-        return np.asarray(features, dtype=np.float32), np.asarray(logits, dtype=np.float32)
+    def decode(self, path: Path) -> Pixels:
+        return self.preprocess_file(path)
 
 
 def compute_image_features(
@@ -124,35 +108,11 @@ def cached_image_features(
     return out
 
 
-class OnnxTextModel:
-    """The served text model (MiniLM, mean-pooled, L2-normalised) with its tokenizer."""
+class OnnxTextModel(TextModel):
+    """The served text model (MiniLM, mean-pooled, L2-normalised) through the shared runtime."""
 
     def __init__(self, model_dir: Path, threads: int = 0) -> None:
-        from tokenizers import Tokenizer
-
-        self.manifest = ModelManifest.load(model_dir)
-        self.session = _session(model_dir / self.manifest.text_file, threads)
-        self.tokenizer = Tokenizer.from_file(str(model_dir / self.manifest.tokenizer_file))
-        self.tokenizer.enable_truncation(self.manifest.text_max_tokens)
-        self.tokenizer.enable_padding()
-
-    @property
-    def version(self) -> str:
-        return self.manifest.text_version
-
-    def encode(self, texts: Sequence[str], batch: int = 128, progress: bool = False) -> Matrix:
-        """Embeddings [N, 384]; texts are batched by length so padding stays short."""
-        out = np.zeros((len(texts), self.manifest.text_dim), dtype=np.float32)
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        starts = range(0, len(order), batch)
-        for start in tqdm(starts, desc="text embeddings", unit="batch", disable=not progress):
-            idx = order[start : start + batch]
-            enc = self.tokenizer.encode_batch([texts[i] for i in idx])
-            ids = np.array([e.ids for e in enc], dtype=np.int64)
-            mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
-            (emb,) = self.session.run(["embedding"], {"input_ids": ids, "attention_mask": mask})
-            out[idx] = emb
-        return out
+        super().__init__(model_dir, training_options(threads))
 
 
 def _texts_key(texts: Sequence[str]) -> str:

@@ -13,15 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-import onnxruntime as ort
-from tokenizers import Tokenizer
 
 from imgsearch.encoder import metrics
 from imgsearch.encoder.batching import MicroBatcher
-from imgsearch.encoder.imaging import DecodedImage, ImageDecodeError, ImageLimits, decode_image
 from imgsearch.encoder.settings import EncoderSettings
 from imgsearch.kit.errors import FailedPrecondition, ImgsearchError, InvalidArgument, ResourceExhausted
+from imgsearch.models.imaging import DecodedImage, ImageDecodeError, ImageLimits
 from imgsearch.models.manifest import ModelInfo, ModelManifest
+from imgsearch.models.runtime import ImageModel, TextModel, default_plan
 
 log = logging.getLogger(__name__)
 
@@ -51,42 +50,6 @@ ImageResult = ImageEncoding | ImgsearchError
 TextResult = Vector | ImgsearchError
 
 
-def select_providers(preferred: Sequence[str], available: Sequence[str], known: Sequence[str]) -> list[str]:
-    """The preferred providers this ONNX Runtime build offers, in preference order.
-
-    Names ONNX Runtime has never heard of are most likely typos: they are skipped with a warning.
-    """
-    chosen: list[str] = []
-    for name in preferred:
-        if name in chosen:
-            continue
-        if name not in known:
-            log.warning("unknown execution provider %r ignored (known: %s)", name, ", ".join(known))
-        elif name not in available:
-            log.info("execution provider %s is not available in this onnxruntime build", name)
-        else:
-            chosen.append(name)
-    if not chosen:
-        raise FailedPrecondition(
-            f"none of the configured execution providers ({', '.join(preferred)}) is available; "
-            f"this onnxruntime offers {', '.join(available)}"
-        )
-    return chosen
-
-
-def session_options(intra_op_threads: int) -> ort.SessionOptions:
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    if intra_op_threads > 0:
-        opts.intra_op_num_threads = intra_op_threads
-    return opts
-
-
-def _io_names(session: ort.InferenceSession) -> tuple[set[str], set[str]]:
-    return {i.name for i in session.get_inputs()}, {o.name for o in session.get_outputs()}
-
-
 class Encoder:
     """Both models behind micro-batchers; construct in a worker thread (loading takes seconds)."""
 
@@ -100,32 +63,29 @@ class Encoder:
                 f"model files in {model_dir} are missing or do not match manifest.json; "
                 f"re-export with `python -m imgsearch.models.export --model-dir {model_dir} --force`"
             )
-        providers = select_providers(settings.providers, ort.get_available_providers(), ort.get_all_providers())
-        opts = session_options(settings.intra_op_threads)
-        self.image_session = ort.InferenceSession(str(model_dir / m.image_file), opts, providers=providers)
-        self.text_session = ort.InferenceSession(str(model_dir / m.text_file), opts, providers=providers)
-        self._check_graphs()
-        self.providers: tuple[str, ...] = tuple(self.image_session.get_providers())
+        # One plan for both models: the same providers and session options, logged once.
+        self.plan = default_plan(settings.runtime_options())
+        self.limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+        self.image_model = ImageModel(model_dir, manifest=m, plan=self.plan, limits=self.limits)
+        self.text_model = TextModel(model_dir, manifest=m, plan=self.plan)
+        self.tokenizer = self.text_model.tokenizer
+        self.providers: tuple[str, ...] = self.image_model.providers
         log.info(
             "execution providers in use",
-            extra={"providers": list(self.providers), "text_providers": self.text_session.get_providers()},
+            extra={
+                "providers": list(self.providers),
+                "text_providers": list(self.text_model.providers),
+                "skipped_providers": list(self.plan.providers.skipped),
+            },
         )
         for name in self.providers:
             metrics.PROVIDER_INFO.labels(name).set(1)
-
-        self.tokenizer = Tokenizer.from_file(str(model_dir / m.tokenizer_file))
-        self.tokenizer.enable_truncation(max_length=m.text_max_tokens)
-        pad_id = self.tokenizer.token_to_id("[PAD]")
-        # Pad to the longest text of each batch, not the tokenizer file's fixed 128: less work, and no
-        # silent cut below text_max_tokens.
-        self.tokenizer.enable_padding(pad_id=0 if pad_id is None else pad_id, pad_token="[PAD]")
 
         labels = json.loads((model_dir / m.labels_file).read_text())
         if not isinstance(labels, list) or len(labels) != m.num_classes:
             raise FailedPrecondition(f"{m.labels_file} must list {m.num_classes} class names")
         self.class_labels: tuple[str, ...] = tuple(str(x) for x in labels)
 
-        self.limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
         threads = settings.decode_threads or min(4, os.cpu_count() or 1)
         self._decode_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="encoder-decode")
         wait_s = settings.max_wait_ms / 1000.0
@@ -136,34 +96,16 @@ class Encoder:
             "text", self.infer_texts, settings.max_batch, wait_s, settings.max_queue_items
         )
 
-    def _check_graphs(self) -> None:
-        """Refuse model files whose inputs and outputs are not the ones this code feeds and reads."""
-        expected = {
-            self.manifest.image_file: (self.image_session, {"pixels"}, {"features", "logits"}),
-            self.manifest.text_file: (self.text_session, {"input_ids", "attention_mask"}, {"embedding"}),
-        }
-        for file, (session, inputs, outputs) in expected.items():
-            have_in, have_out = _io_names(session)
-            if have_in != inputs or not outputs <= have_out:
-                raise FailedPrecondition(
-                    f"{file} has inputs {sorted(have_in)} and outputs {sorted(have_out)}; "
-                    f"expected inputs {sorted(inputs)} and outputs {sorted(outputs)}"
-                )
-
     # Model calls block for the length of an inference: the batchers run them in their worker threads.
 
     def infer_images(self, batch: list[Pixels]) -> list[tuple[Vector, Vector]]:
         """(features, logits) per decoded image, in one model call."""
-        pixels = np.stack(batch)
-        features, logits = self.image_session.run(["features", "logits"], {"pixels": pixels})
+        features, logits = self.image_model.run(np.stack(batch))
         return [(features[i].copy(), logits[i].copy()) for i in range(len(batch))]
 
     def infer_texts(self, batch: list[str]) -> list[Vector]:
         """An L2-normalised embedding per text, in one model call (texts must already be validated)."""
-        encoded = self.tokenizer.encode_batch(batch)
-        ids = np.array([e.ids for e in encoded], dtype=np.int64)
-        mask = np.array([e.attention_mask for e in encoded], dtype=np.int64)
-        (embedding,) = self.text_session.run(["embedding"], {"input_ids": ids, "attention_mask": mask})
+        embedding = self.text_model.run(batch)
         return [embedding[i].copy() for i in range(len(batch))]
 
     def warm_up(self) -> None:
@@ -183,7 +125,7 @@ class Encoder:
 
     def _decode(self, index: int, item: ImageItem) -> DecodedImage | ImageDecodeError:
         try:
-            return decode_image(item.data, self.manifest.image_size, self.limits, index, item.name)
+            return self.image_model.preprocess(item.data, index, item.name)
         except ImageDecodeError as exc:
             metrics.DECODE_FAILURES.labels(exc.reason).inc()
             log.debug("image rejected", extra={"reason": exc.reason, "detail": exc.message})

@@ -10,8 +10,8 @@ from pydantic_settings import NoDecode, SettingsConfigDict
 
 from imgsearch.kit.settings import ServerSettings
 from imgsearch.models.manifest import MANIFEST_NAME, default_model_dir
+from imgsearch.models.runtime import DEFAULT_PROVIDERS, GraphOptimization, RuntimeOptions
 
-DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 # Pillow refuses to open anything above twice its MAX_IMAGE_PIXELS (89,478,485) before we can
 # look at it, so a larger configured limit would be a promise the decoder cannot keep.
 PILLOW_HARD_PIXEL_LIMIT = 2 * 89_478_485
@@ -34,6 +34,16 @@ class EncoderSettings(ServerSettings):
         description="comma-separated ONNX Runtime execution providers, best first; unavailable ones are skipped",
     )
     intra_op_threads: int = Field(0, ge=0, le=1024, description="ONNX Runtime intra-op threads (0 = ORT default)")
+    inter_op_threads: int = Field(
+        0, ge=0, le=1024, description="ONNX Runtime inter-op threads; above 1 runs graph branches in parallel"
+    )
+    graph_optimization: GraphOptimization = Field(
+        "all", description="ONNX Runtime graph optimisation level: disabled, basic, extended or all"
+    )
+    device_id: int = Field(0, ge=0, le=1023, description="GPU the CUDA and TensorRT providers run on")
+    trt_cache_dir: Path | None = Field(
+        None, description="TensorRT engine and timing cache directory (unset: engines are rebuilt at every start)"
+    )
     max_batch: int = Field(32, ge=1, le=1024, description="most items one model call takes")
     max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="how long a batch waits to fill up")
     max_items_per_request: int = Field(256, ge=1, description="more images or texts in one call: RESOURCE_EXHAUSTED")
@@ -46,6 +56,17 @@ class EncoderSettings(ServerSettings):
     )
     max_text_chars: int = Field(2000, ge=1, description="longest text accepted, in characters")
     decode_threads: int = Field(0, ge=0, le=256, description="image decoding threads (0 = min(4, CPU count))")
+
+    def runtime_options(self) -> RuntimeOptions:
+        """The model runtime's options from these settings."""
+        return RuntimeOptions(
+            providers=self.providers,
+            intra_op_threads=self.intra_op_threads,
+            inter_op_threads=self.inter_op_threads,
+            graph_optimization=self.graph_optimization,
+            device_id=self.device_id,
+            trt_cache_dir=self.trt_cache_dir,
+        )
 
     @field_validator("providers", mode="before")
     @classmethod
