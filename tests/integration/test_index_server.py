@@ -257,12 +257,9 @@ def test_bad_inputs_get_precise_statuses_and_the_server_keeps_serving(
         "space must be SPACE_VISUAL or SPACE_SEMANTIC, got 7",
     )
     assert _status(lambda: search(query=vector(np.zeros(VD))))[0] == grpc.StatusCode.INVALID_ARGUMENT
-    code, details = _status(
-        lambda: search(space=common_pb2.SPACE_SEMANTIC, query=vector(rng.normal(size=SD)), semantic_head="other@2")
-    )
-    assert code == grpc.StatusCode.FAILED_PRECONDITION
-    assert f"'{HEAD}'" in details
-    assert "'other@2'" in details
+    # A head the shard holds no vectors of is an empty space, never answered from another head's vectors.
+    empty = search(space=common_pb2.SPACE_SEMANTIC, query=vector(rng.normal(size=SD)), semantic_head="other@2")
+    assert (list(empty.hits), empty.searched) == ([], 0)
 
     too_many = [make_record(rng, f"many{i}") for i in range(1001)]
     assert _status(lambda: stub.Upsert(index_pb2.UpsertRequest(records=too_many), timeout=30)) == (
@@ -357,11 +354,16 @@ def test_scan_and_set_semantic(server: ServiceProcess, stub: index_pb2_grpc.Inde
         assert [h.id for h in hits] == [i for i, _ in want]
         np.testing.assert_allclose([h.score for h in hits], [s for _, s in want], atol=1e-5)
     stats = stub.Stats(index_pb2.StatsRequest(), timeout=10)
-    assert dict(stats.semantic_heads) == {HEAD: stats.count - 10, NEW_HEAD: 10}
+    # The new head's vector is added next to the old one's.
+    assert dict(stats.semantic_heads) == {HEAD: stats.count, NEW_HEAD: 10}
     after = stub.Get(index_pb2.GetRequest(ids=list(moved), include_vectors=True), timeout=10).records
     for r in after:
-        assert r.semantic_head == NEW_HEAD
-        np.testing.assert_allclose(r.semantic.values, new_pool[r.id], atol=1e-6)
+        assert [s.head for s in r.semantics] == [HEAD, NEW_HEAD]
+        np.testing.assert_allclose(r.semantics[0].vector.values, model.semantic[r.id], atol=1e-6)
+        np.testing.assert_allclose(r.semantics[1].vector.values, new_pool[r.id], atol=1e-6)
+        # Legacy readers: without a head configuration, the first head by name.
+        assert r.semantic_head == HEAD
+        np.testing.assert_allclose(r.semantic.values, model.semantic[r.id], atol=1e-6)
         np.testing.assert_allclose(r.visual.values, model.visual[r.id], atol=1e-6)
         assert signals_of(r) == signals_of(sent[r.id])
         assert dict(r.metadata) == model.meta[r.id]
@@ -391,9 +393,8 @@ def test_scan_and_set_semantic(server: ServiceProcess, stub: index_pb2_grpc.Inde
     text = metrics_text(server)
     assert (metric(text, "imgsearch_index_writes_total", shard=SHARD, op="set_semantic") or 0) >= 10
 
-    # Back to the one head, so the module's shard stays as the other tests expect it.
-    back = [index_pb2.SemanticUpdate(id=i, semantic=vector(model.semantic[i]), semantic_head=HEAD) for i in moved]
-    assert all(r.changed for r in stub.SetSemantic(index_pb2.SetSemanticRequest(updates=back), timeout=10).results)
+    # Back to the one head (an upsert replaces every head's vector), so the module's shard stays as it was.
+    upsert_all(stub, [sent[i] for i in moved])
     assert list(stub.Stats(index_pb2.StatsRequest(), timeout=10).semantic_heads) == [HEAD]
 
 
@@ -483,6 +484,8 @@ def test_sigkill_right_after_set_semantic_loses_nothing(tmp_path: Path) -> None:
         updates = [index_pb2.SemanticUpdate(id=i, semantic=vector(v), semantic_head=NEW_HEAD) for i, v in moved.items()]
         resp = stub.SetSemantic(index_pb2.SetSemanticRequest(updates=updates), timeout=10)
         assert all(r.changed and not r.HasField("error") for r in resp.results)
+        written_ms = stub.GetHeadState(index_pb2.GetHeadStateRequest(), timeout=10).last_semantic_write_unix_ms
+        assert written_ms > 0
     finally:
         channel.close()
     proc.kill()
@@ -494,14 +497,17 @@ def test_sigkill_right_after_set_semantic_loses_nothing(tmp_path: Path) -> None:
         assert list(got.missing_ids) == []
         sent = {r.id: r for r in records}
         for r in got.records:
-            head, semantic = (NEW_HEAD, moved[r.id]) if r.id in moved else (HEAD, model.semantic[r.id])
-            assert r.semantic_head == head
-            np.testing.assert_allclose(r.semantic.values, semantic, atol=1e-6)
+            expected = {HEAD: model.semantic[r.id], **({NEW_HEAD: moved[r.id]} if r.id in moved else {})}
+            assert [s.head for s in r.semantics] == sorted(expected)
+            for s in r.semantics:
+                np.testing.assert_allclose(s.vector.values, expected[s.head], atol=1e-6)
             np.testing.assert_allclose(r.visual.values, model.visual[r.id], atol=1e-6)
             assert signals_of(r) == signals_of(sent[r.id])
             assert dict(r.metadata) == model.meta[r.id]
-        assert dict(stub.Stats(index_pb2.StatsRequest(), timeout=10).semantic_heads) == {HEAD: 30, NEW_HEAD: 30}
-        pools = {HEAD: {i: v for i, v in model.semantic.items() if i not in moved}, NEW_HEAD: moved}
+        assert dict(stub.Stats(index_pb2.StatsRequest(), timeout=10).semantic_heads) == {HEAD: 60, NEW_HEAD: 30}
+        state = stub.GetHeadState(index_pb2.GetHeadStateRequest(), timeout=10)
+        assert state.last_semantic_write_unix_ms == written_ms
+        pools = {HEAD: model.semantic, NEW_HEAD: moved}
         for head, pool in pools.items():
             q = rng.normal(size=SD).astype(np.float32)
             hits = stub.Search(
@@ -516,6 +522,97 @@ def test_sigkill_right_after_set_semantic_loses_nothing(tmp_path: Path) -> None:
         assert proc.stop() == 0
     loaded = [json.loads(line) for line in proc.log_tail(100_000).splitlines() if '"shard loaded"' in line]
     assert [(entry["mode"], entry["replayed_changes"]) for entry in loaded] == [("empty", 0), ("snapshot", 30)]
+
+
+def test_head_config_is_durable_and_enforced_across_sigkill(tmp_path: Path) -> None:
+    proc = start(tmp_path, "kill-config")
+    rng = np.random.default_rng(9)
+    model = Model()
+    records = [make_record(rng, f"h{i}", model) for i in range(20)]
+    channel, stub = stub_for(proc)
+
+    def set_config(epoch: int, active: str, building: str = "") -> index_pb2.SetHeadConfigResponse:
+        config = index_pb2.HeadConfig(epoch=epoch, active=active, building=building)
+        return stub.SetHeadConfig(index_pb2.SetHeadConfigRequest(config=config), timeout=10)
+
+    try:
+        fresh = stub.GetHeadState(index_pb2.GetHeadStateRequest(), timeout=10)
+        assert (fresh.config.epoch, fresh.config.active, fresh.config.building, fresh.records) == (0, "", "", 0)
+        assert (fresh.shard, dict(fresh.vectors_per_head), fresh.last_semantic_write_unix_ms) == (SHARD, {}, 0)
+        upsert_all(stub, records)
+        assert _status(lambda: set_config(4, "")) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "head configuration epoch 4 has no active head; name the head queries use (name@version)",
+        )
+        won = set_config(5, HEAD, NEW_HEAD)
+        assert (won.config.epoch, won.config.active, won.config.building, won.records) == (5, HEAD, NEW_HEAD, 20)
+        # The building head is incomplete: no record has its vector yet.
+        assert dict(won.vectors_per_head) == {HEAD: 20, NEW_HEAD: 0}
+        # An older epoch loses without an error; the response shows the configuration in force.
+        lost = set_config(4, "stale@1")
+        assert (lost.config.epoch, lost.config.active, lost.config.building) == (5, HEAD, NEW_HEAD)
+    finally:
+        channel.close()
+    proc.kill()
+
+    proc.start(timeout=60)
+    channel, stub = stub_for(proc)
+    try:
+        state = stub.GetHeadState(index_pb2.GetHeadStateRequest(), timeout=10)
+        assert (state.config.epoch, state.config.active, state.config.building) == (5, HEAD, NEW_HEAD)
+        # Writers with a stale view (only the active head's vector) fail per record; a dual-written one goes in.
+        stale = make_record(rng, "h-stale")
+        dual = make_record(rng, "h-dual")
+        dual.semantics.add(head=NEW_HEAD, vector=vector(rng.normal(size=SD)))
+        resp = stub.Upsert(index_pb2.UpsertRequest(records=[stale, dual]), timeout=10)
+        assert resp.results[0].error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+        assert resp.results[0].error.message.startswith(
+            f"record 0 ('h-stale') has no semantic vector for head '{NEW_HEAD}', which head configuration epoch 5 "
+            "requires; the writer's head configuration is stale"
+        )
+        assert (resp.results[1].HasField("error"), resp.results[1].changed) == (False, True)
+        # Backfill the rest; the building head is then complete and searchable.
+        backfill = [
+            index_pb2.SemanticUpdate(id=r.id, semantic=vector(rng.normal(size=SD)), semantic_head=NEW_HEAD)
+            for r in records
+        ]
+        assert all(
+            r.changed for r in stub.SetSemantic(index_pb2.SetSemanticRequest(updates=backfill), timeout=10).results
+        )
+        state = stub.GetHeadState(index_pb2.GetHeadStateRequest(), timeout=10)
+        assert (state.records, dict(state.vectors_per_head)) == (21, {HEAD: 21, NEW_HEAD: 21})
+        assert state.last_semantic_write_unix_ms > 0
+        # Legacy readers see the active head's vector.
+        got = stub.Get(index_pb2.GetRequest(ids=["h0"], include_vectors=True), timeout=10).records[0]
+        assert got.semantic_head == HEAD
+        np.testing.assert_allclose(got.semantic.values, model.semantic["h0"], atol=1e-6)
+        flipped = set_config(6, NEW_HEAD)
+        assert (flipped.config.epoch, flipped.config.active, dict(flipped.vectors_per_head)[NEW_HEAD]) == (
+            6,
+            NEW_HEAD,
+            21,
+        )
+        # An empty semantic_head now searches the active head.
+        q = rng.normal(size=SD).astype(np.float32)
+        hits = stub.Search(
+            index_pb2.SearchRequest(space=common_pb2.SPACE_SEMANTIC, query=vector(q), k=3), timeout=10
+        ).hits
+        top = stub.Search(
+            index_pb2.SearchRequest(space=common_pb2.SPACE_SEMANTIC, query=vector(q), k=3, semantic_head=NEW_HEAD),
+            timeout=10,
+        ).hits
+        assert [h.id for h in hits] == [h.id for h in top]
+    finally:
+        channel.close()
+    proc.kill()
+    proc.start(timeout=60)
+    channel, stub = stub_for(proc)
+    try:
+        state = stub.GetHeadState(index_pb2.GetHeadStateRequest(), timeout=10)
+        assert (state.config.epoch, state.config.active, state.config.building) == (6, NEW_HEAD, "")
+    finally:
+        channel.close()
+        assert proc.stop() == 0
 
 
 def _in_flight_upserts(proc: ServiceProcess) -> float:

@@ -9,7 +9,7 @@ import pytest
 from imgsearch.api.common.v1 import common_pb2
 from imgsearch.api.index.v1 import index_pb2
 from imgsearch.index import convert
-from imgsearch.index.core import ScanPage, Space
+from imgsearch.index.core import HeadConfig, HeadState, ScanPage, Space
 from imgsearch.index.servicer import IndexServicer
 from imgsearch.index.store import StoredRecord
 from imgsearch.kit.errors import InvalidArgument, Unavailable
@@ -103,6 +103,64 @@ def test_stored_record_round_trip() -> None:
     assert msg.HasField("visual")
     assert not msg.HasField("semantic")
     np.testing.assert_allclose(msg.visual.values, [0.6, 0.8], rtol=1e-6)
+
+
+def test_semantics_travel_per_head_both_ways() -> None:
+    msg = index_pb2.Record(
+        id="m",
+        semantics=[
+            index_pb2.SemanticVector(head="a@1", vector=common_pb2.FloatVector(values=[1.0, 0.0])),
+            index_pb2.SemanticVector(head="b@1"),
+        ],
+    )
+    got = convert.record_input(msg)
+    assert [h for h, _ in got.semantics] == ["a@1", "b@1"]
+    first, second = (v for _, v in got.semantics)
+    assert first is not None
+    np.testing.assert_array_equal(first, [1.0, 0.0])
+    # An entry without a vector stays one (the core rejects it), rather than vanishing.
+    assert second is None
+    rec = StoredRecord(
+        label=1,
+        id="m",
+        metadata={},
+        source_name="",
+        semantic_head="b@1",
+        created_ms=1,
+        semantic=np.array([0.0, 1.0], np.float32),
+        heads=("a@1", "b@1"),
+        semantics={"a@1": np.array([1.0, 0.0], np.float32), "b@1": np.array([0.0, 1.0], np.float32)},
+    )
+    out = convert.record(rec)
+    assert [(s.head, list(s.vector.values)) for s in out.semantics] == [("a@1", [1.0, 0.0]), ("b@1", [0.0, 1.0])]
+    assert (out.semantic_head, list(out.semantic.values)) == ("b@1", [0.0, 1.0])
+    # Read without vectors: the heads only.
+    bare = convert.record(
+        StoredRecord(label=1, id="m", metadata={}, source_name="", semantic_head="a@1", created_ms=1, heads=("a@1",))
+    )
+    assert [(s.head, s.HasField("vector")) for s in bare.semantics] == [("a@1", False)]
+
+
+def test_head_state_responses_carry_the_same_fields() -> None:
+    state = HeadState(
+        config=HeadConfig(epoch=4, active="a@1", building="b@1"),
+        records=9,
+        vectors_per_head={"a@1": 9, "b@1": 2},
+        last_semantic_write_unix_ms=1234,
+        shard="s",
+    )
+    get = convert.get_head_state_response(state)
+    put = convert.set_head_config_response(state)
+    for msg in (get, put):
+        assert (msg.config.epoch, msg.config.active, msg.config.building) == (4, "a@1", "b@1")
+        assert (msg.records, dict(msg.vectors_per_head), msg.last_semantic_write_unix_ms, msg.shard) == (
+            9,
+            {"a@1": 9, "b@1": 2},
+            1234,
+            "s",
+        )
+    config = convert.head_config(index_pb2.HeadConfig(epoch=2, active="x@1"))
+    assert config == HeadConfig(epoch=2, active="x@1", building="")
 
 
 async def test_calls_before_the_shard_is_loaded_are_unavailable() -> None:

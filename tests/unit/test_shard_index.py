@@ -47,7 +47,8 @@ class Truth:
 
     def __init__(self) -> None:
         self.visual: dict[str, np.ndarray] = {}
-        self.semantic: dict[str, tuple[str, np.ndarray]] = {}
+        # id -> head -> normalised vector: a record holds one vector per head.
+        self.semantic: dict[str, dict[str, np.ndarray]] = {}
         self.meta: dict[str, dict[str, str]] = {}
 
     def put(self, rec: RecordInput) -> None:
@@ -55,12 +56,14 @@ class Truth:
         self.semantic.pop(rec.id, None)
         if rec.visual is not None:
             self.visual[rec.id] = rec.visual / np.linalg.norm(rec.visual.astype(np.float64))
-        if rec.semantic is not None:
-            self.semantic[rec.id] = (rec.semantic_head, rec.semantic / np.linalg.norm(rec.semantic.astype(np.float64)))
+        pairs = [(rec.semantic_head, rec.semantic)] if rec.semantic is not None else []
+        for head, vec in [*pairs, *rec.semantics]:
+            assert vec is not None
+            self.set_semantic(rec.id, head, vec)
         self.meta[rec.id] = dict(rec.metadata)
 
     def set_semantic(self, id_: str, head: str, vec: np.ndarray) -> None:
-        self.semantic[id_] = (head, vec / np.linalg.norm(vec.astype(np.float64)))
+        self.semantic.setdefault(id_, {})[head] = vec / np.linalg.norm(vec.astype(np.float64))
 
     def drop(self, id_: str) -> None:
         self.visual.pop(id_, None)
@@ -73,7 +76,14 @@ class Truth:
         if space is Space.VISUAL:
             pool = {i: v for i, v in self.visual.items() if i not in exclude}
         else:
-            pool = {i: v for i, (h, v) in self.semantic.items() if i not in exclude and (head is None or h == head)}
+            # head None: the shard's only head (every vector of the truth is of it).
+            pool = {
+                i: v
+                for i, heads in self.semantic.items()
+                if i not in exclude
+                for h, v in heads.items()
+                if head in (None, h)
+            }
         if not pool:
             return []
         ids = list(pool)
@@ -348,14 +358,13 @@ def test_search_argument_errors(tmp_path: Path, rng: np.random.Generator) -> Non
 # --- semantic heads ---
 
 
-def test_query_of_another_head_is_failed_precondition_naming_both(shard: ShardIndex, rng: np.random.Generator) -> None:
+def test_query_of_a_head_the_shard_lacks_is_an_empty_space(shard: ShardIndex, rng: np.random.Generator) -> None:
     truth = Truth()
     fill(shard, truth, rng, 20)
     q = rng.normal(size=SD).astype(np.float32)
-    with pytest.raises(FailedPrecondition) as info:
-        shard.search(Space.SEMANTIC, q, 5, semantic_head="proj@2")
-    assert "'proj@1'" in info.value.message
-    assert "'proj@2'" in info.value.message
+    # Never another head's vectors: during a build a shard may hold none of the new head yet, which is no error.
+    got = shard.search(Space.SEMANTIC, q, 5, semantic_head="proj@2")
+    assert (got.hits, got.searched, got.head) == ([], 0, "proj@2")
     # An empty head means "the shard's one head".
     assert_matches(shard, truth, rng, Space.SEMANTIC, "")
     assert shard.search(Space.SEMANTIC, q, 5).head == HEAD
@@ -376,10 +385,10 @@ def test_two_heads_are_searched_apart(shard: ShardIndex, rng: np.random.Generato
     got = shard.search(Space.SEMANTIC, rng.normal(size=SD).astype(np.float32), 100, semantic_head="proj@2")
     assert {h.id for h in got.hits} == {r.id for r in new}
     assert got.searched == 20
-    with pytest.raises(FailedPrecondition, match=re.escape("several heads ('proj@1', 'proj@2'); set semantic_head")):
+    several = re.escape("several heads ('proj@1', 'proj@2') and has no head configuration; set semantic_head")
+    with pytest.raises(FailedPrecondition, match=several):
         shard.search(Space.SEMANTIC, rng.normal(size=SD).astype(np.float32), 5)
-    with pytest.raises(FailedPrecondition, match="none of head 'proj@3'"):
-        shard.search(Space.SEMANTIC, rng.normal(size=SD).astype(np.float32), 5, semantic_head="proj@3")
+    assert shard.search(Space.SEMANTIC, rng.normal(size=SD).astype(np.float32), 5, semantic_head="proj@3").hits == []
     # Re-indexing the old records with the new head moves them; the old head disappears once empty.
     moved = [rec(rng, r.id, head="proj@2") for r in old]
     shard.upsert(moved)
@@ -906,7 +915,7 @@ def test_scan_rejects_bad_page_sizes_and_tokens(tmp_path: Path, rng: np.random.G
         other.close(final_snapshot=False)
 
 
-def test_set_semantic_moves_records_between_head_indexes(shard: ShardIndex, rng: np.random.Generator) -> None:
+def test_set_semantic_adds_a_head_and_keeps_the_others(shard: ShardIndex, rng: np.random.Generator) -> None:
     truth = Truth()
     old = [rec(rng, f"old{i}", **signals(rng)) for i in range(40)]
     bare = [rec(rng, f"bare{i}", head=None) for i in range(6)]
@@ -932,18 +941,17 @@ def test_set_semantic_moves_records_between_head_indexes(shard: ShardIndex, rng:
     for u in updates:
         assert u.semantic is not None
         truth.set_semantic(u.id, "proj@2", u.semantic)
-    n_moved_old = len(old[::3])
-    assert shard.stats().semantic_heads == {HEAD: 40 - n_moved_old, "proj@2": len(updates)}
+    assert shard.stats().semantic_heads == {HEAD: 40, "proj@2": len(updates)}
     assert shard.stats().count == 46
 
     assert_matches(shard, truth, rng, Space.SEMANTIC, "proj@2", k=30)
     assert_matches(shard, truth, rng, Space.SEMANTIC, HEAD, k=50)
     assert_matches(shard, truth, rng, Space.VISUAL, k=50)
-    # The old head's index no longer holds the moved records, even when asked for everything.
+    # The old head's index still holds every old record: a new head's vector is added next to it.
     q = rng.normal(size=SD).astype(np.float32)
     got = shard.search(Space.SEMANTIC, q, 1000, semantic_head=HEAD)
-    assert {h.id for h in got.hits} == {r.id for r in old} - set(moving)
-    assert got.searched == 40 - n_moved_old
+    assert {h.id for h in got.hits} == {r.id for r in old}
+    assert got.searched == 40
     for u in updates:
         assert u.semantic is not None
         (hit,) = shard.search(Space.SEMANTIC, u.semantic, 1, semantic_head="proj@2").hits
@@ -962,38 +970,39 @@ def test_set_semantic_moves_records_between_head_indexes(shard: ShardIndex, rng:
         assert signal_of(now) == signal_of(was)
         assert now.visual is not None and was.visual is not None
         np.testing.assert_array_equal(now.visual, was.visual)
-        if id_ in moving:
-            assert now.semantic_head == "proj@2"
-            assert now.semantic is not None
-            np.testing.assert_allclose(now.semantic, truth.semantic[id_][1], atol=1e-6)
-        else:
-            assert now.semantic_head == was.semantic_head
-            if was.semantic is None:
-                assert now.semantic is None
-            else:
-                np.testing.assert_array_equal(now.semantic, was.semantic)
+        assert now.heads == tuple(sorted(truth.semantic.get(id_, {})))
+        for head, vec in truth.semantic.get(id_, {}).items():
+            np.testing.assert_allclose(now.semantics[head], vec, atol=1e-6)
+        if was.semantic is not None:
+            np.testing.assert_array_equal(now.semantics[HEAD], was.semantic)
+        # Without a head configuration, the legacy fields show the first head by name.
+        assert now.semantic_head == (now.heads[0] if now.heads else None)
 
-    # Moving the rest empties the old head, which then disappears; a search naming it is refused.
+    # Writing the new head again replaces its vector, still keeping the old head's.
+    again = SemanticInput("old0", rng.normal(size=SD).astype(np.float32), "proj@2")
+    assert shard.set_semantic([again])[0].changed
+    assert again.semantic is not None
+    truth.set_semantic("old0", "proj@2", again.semantic)
+    assert shard.stats().semantic_heads == {HEAD: 40, "proj@2": len(updates)}
     rest = [SemanticInput(r.id, rng.normal(size=SD).astype(np.float32), "proj@2") for r in old if r.id not in moving]
     assert all(r.changed for r in shard.set_semantic(rest))
     for u in rest:
         assert u.semantic is not None
         truth.set_semantic(u.id, "proj@2", u.semantic)
-    assert shard.stats().semantic_heads == {"proj@2": 42}
-    assert_matches(shard, truth, rng, Space.SEMANTIC, "", k=50)
-    with pytest.raises(FailedPrecondition, match=f"none of head '{HEAD}'"):
-        shard.search(Space.SEMANTIC, q, 5, semantic_head=HEAD)
-    # Moved records are still whole records to later writes: their visual vectors go with a delete or replace.
+    assert shard.stats().semantic_heads == {HEAD: 40, "proj@2": 42}
+    assert_matches(shard, truth, rng, Space.SEMANTIC, "proj@2", k=50)
+    # Records with several heads are still whole records to later writes: a delete or an upsert drops them all.
     shard.delete(["old0", "bare0"])
-    again = rec(rng, "old3", head=None)
-    shard.upsert([again])
-    for id_ in ("old0", "bare0"):
+    replaced = rec(rng, "old3", head=None)
+    shard.upsert([replaced])
+    for id_ in ("old0", "bare0", "old3"):
         truth.drop(id_)
-    truth.put(again)
+    truth.put(replaced)
     assert shard.stats().visual_count == 44
-    assert shard.stats().semantic_heads == {"proj@2": 39}
+    assert shard.stats().semantic_heads == {HEAD: 38, "proj@2": 39}
     assert_matches(shard, truth, rng, Space.VISUAL, k=50)
-    assert_matches(shard, truth, rng, Space.SEMANTIC, "", k=50)
+    assert_matches(shard, truth, rng, Space.SEMANTIC, HEAD, k=50)
+    assert_matches(shard, truth, rng, Space.SEMANTIC, "proj@2", k=50)
 
 
 BAD_UPDATES: list[tuple[dict[str, Any], str]] = [
@@ -1022,12 +1031,12 @@ def test_a_bad_semantic_update_fails_alone(
     assert err.code == grpc.StatusCode.INVALID_ARGUMENT
     assert message in err.message
     assert err.message.startswith("update 1")
-    assert [(r.id, r.semantic_head) for r in shard.get(["a", "b", "c"])[0]] == [
-        ("a", "proj@2"),
-        ("b", HEAD),
-        ("c", "proj@2"),
+    assert [(r.id, r.heads) for r in shard.get(["a", "b", "c"])[0]] == [
+        ("a", (HEAD, "proj@2")),
+        ("b", (HEAD,)),
+        ("c", (HEAD, "proj@2")),
     ]
-    assert shard.stats().semantic_heads == {HEAD: 1, "proj@2": 2}
+    assert shard.stats().semantic_heads == {HEAD: 3, "proj@2": 2}
 
 
 def test_set_semantic_batch_limit(tmp_path: Path, rng: np.random.Generator) -> None:
@@ -1039,7 +1048,7 @@ def test_set_semantic_batch_limit(tmp_path: Path, rng: np.random.Generator) -> N
             idx.set_semantic(too_many)
         assert idx.stats().semantic_heads == {HEAD: 4}
         assert all(r.changed for r in idx.set_semantic(too_many[:4]))
-        assert idx.stats().semantic_heads == {"proj@2": 4}
+        assert idx.stats().semantic_heads == {HEAD: 4, "proj@2": 4}
     finally:
         idx.close(final_snapshot=False)
 
@@ -1060,7 +1069,7 @@ def test_set_semantic_survives_reopen_snapshot_replay_and_rebuild(tmp_path: Path
     for u in updates:
         assert u.semantic is not None
         truth.set_semantic(u.id, u.semantic_head, u.semantic)
-    heads = {HEAD: 40, "proj@2": 20, "proj@3": 1}
+    heads = {HEAD: 61, "proj@2": 21, "proj@3": 1}
     assert idx.stats().semantic_heads == heads
     assert idx.stats().wal_entries == 1 + len(updates)
     qs = [(s, q) for s, q in queries(rng) if s is Space.VISUAL]
@@ -1072,7 +1081,8 @@ def test_set_semantic_survives_reopen_snapshot_replay_and_rebuild(tmp_path: Path
         for head in heads:
             assert_matches(shard, truth, rng, Space.SEMANTIC, head, k=70, queries=3)
         (img0,), _ = shard.get(["img0"], include_vectors=True)
-        assert img0.semantic_head == "proj@3"
+        assert img0.heads == (HEAD, "proj@2", "proj@3")
+        np.testing.assert_allclose(img0.semantics["proj@3"], truth.semantic["img0"]["proj@3"], atol=1e-6)
 
     idx.close(final_snapshot=False)
     idx = ShardIndex(settings(tmp_path / "s"))
@@ -1182,8 +1192,8 @@ def test_an_old_schema_database_is_upgraded_and_keeps_its_data(tmp_path: Path, r
     meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
     columns = [row[1] for row in db.execute("PRAGMA table_info(vectors)")]
     db.close()
-    assert (meta["schema_version"], meta["shard_uuid"]) == ("2", shard_uuid)
-    assert columns == ["label", "visual", "semantic", "feature_norm", "top_logits"]
+    assert (meta["schema_version"], meta["shard_uuid"]) == ("3", shard_uuid)
+    assert columns == ["label", "visual", "feature_norm", "top_logits"]
     idx = ShardIndex(settings(tmp_path / "s"))
     try:
         assert idx.load_report.mode == "snapshot"
@@ -1198,10 +1208,12 @@ def test_an_old_schema_database_is_upgraded_and_keeps_its_data(tmp_path: Path, r
 
 
 def test_a_database_of_an_unknown_schema_version_is_refused_untouched(tmp_path: Path, rng: np.random.Generator) -> None:
-    v1_database(tmp_path / "s", [rec(rng, "a")], version="3")
-    with pytest.raises(FailedPrecondition, match="has schema version 3, this server reads 1, 2"):
+    v1_database(tmp_path / "s", [rec(rng, "a")], version="9")
+    with pytest.raises(FailedPrecondition, match="has schema version 9, this server reads 1, 2, 3"):
         ShardIndex(settings(tmp_path / "s"))
     db = sqlite3.connect(tmp_path / "s" / DB_NAME)
     columns = [row[1] for row in db.execute("PRAGMA table_info(vectors)")]
     db.close()
     assert columns == ["label", "visual", "semantic"]
+    tables = {row[0] for row in sqlite3.connect(tmp_path / "s" / DB_NAME).execute("SELECT name FROM sqlite_master")}
+    assert "semantics" not in tables

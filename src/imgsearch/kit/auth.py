@@ -1,4 +1,4 @@
-"""Bearer-token authentication for the public edge: a grpc.aio interceptor reading tokens from a file."""
+"""Bearer-token authentication: public tokens at the edge, and one shared internal token between services."""
 
 from __future__ import annotations
 
@@ -86,6 +86,10 @@ class TokenStore:
                 # A rotation caught half-way must not lock everyone out, nor let anyone in.
                 log.error("tokens file reload failed; keeping the previous tokens", extra={"error": str(exc)})
             return self._tokens
+
+    def first(self) -> bytes:
+        """The token this process presents to others: the file's first one (rotation puts the new one first)."""
+        return self.tokens()[0]
 
     def accepts(self, presented: bytes) -> bool:
         """Constant-time comparison against every token: no early exit, so timing says nothing."""
@@ -179,3 +183,62 @@ def auth_interceptor(
             raise TokenFileError("authentication of reads was asked for, but no tokens file is configured")
         return None
     return BearerTokenInterceptor(TokenStore(tokens_file), require_for_reads, write_methods)
+
+
+INTERNAL_DENIED_MESSAGE = "missing or wrong internal credentials"
+
+_stores: dict[Path, TokenStore] = {}
+_stores_lock = threading.Lock()
+
+
+def shared_store(path: Path) -> TokenStore:
+    """One TokenStore per file in the process: the server and every peer channel reload it together."""
+    key = path.resolve()
+    with _stores_lock:
+        store = _stores.get(key)
+        if store is None:
+            store = _stores[key] = TokenStore(path)
+        return store
+
+
+class InternalTokenInterceptor(aio.ServerInterceptor):
+    """Requires the shared internal token on every RPC except health and reflection.
+
+    Internal services (encoder, tagger, index) are reached only by other services; the token keeps anything
+    else on the network from calling them directly. The reason is counted, never the token itself.
+    """
+
+    def __init__(self, store: TokenStore) -> None:
+        self.store = store
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        method = handler_call_details.method
+        handler = await continuation(handler_call_details)
+        if handler is None or method.startswith(OPEN_PREFIXES):
+            return handler
+        token = bearer_token(handler_call_details.invocation_metadata)
+        if token is not None and self.store.accepts(token):
+            return handler
+        AUTH_DENIED.labels(method, "missing" if token is None else "invalid").inc()
+        return _denying_handler(handler, grpc.StatusCode.UNAUTHENTICATED, INTERNAL_DENIED_MESSAGE)
+
+
+def internal_auth_interceptor(tokens_file: Path | None) -> aio.ServerInterceptor | None:
+    """The internal-token interceptor, or None when INTERNAL_TOKEN_FILE is not set (internal calls open).
+
+    Raises TokenFileError when the file is unreadable or empty, so a server never starts open by mistake.
+    """
+    if tokens_file is None:
+        return None
+    return InternalTokenInterceptor(shared_store(tokens_file))
+
+
+def internal_token(tokens_file: Path | None) -> Callable[[], bytes] | None:
+    """What peer channels call before each request for the token to send, or None when none is configured."""
+    if tokens_file is None:
+        return None
+    return shared_store(tokens_file).first

@@ -5,13 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import grpc
 from grpc import aio
 
 from imgsearch.api.encoder.v1 import encoder_pb2, encoder_pb2_grpc
 from imgsearch.kit.convert import Matrix, error_code, from_vector
 from imgsearch.kit.errors import ImgsearchError
-from imgsearch.kit.peers import PeerError, peer_error
+from imgsearch.kit.peers import PeerError
 from imgsearch.models.manifest import ModelInfo
 
 
@@ -25,17 +24,18 @@ class EncodedImage:
 
 
 class EncoderClient:
-    """Typed wrapper over EncoderService with deadline propagation and peer-error mapping."""
+    """Typed wrapper over EncoderService with deadline propagation.
 
-    def __init__(self, channel: aio.Channel, address: str) -> None:
+    `channel` should come from kit.peers.peer_channel(..., peer="the encoder"): its interceptor turns a
+    failed call into the ImgsearchError to forward, so the calls here need no error handling of their own.
+    """
+
+    def __init__(self, channel: aio.Channel, address: str = "") -> None:
         self.stub = encoder_pb2_grpc.EncoderServiceStub(channel)
         self.address = address
 
     async def model_info(self, timeout: float) -> ModelInfo:
-        try:
-            r = await self.stub.GetModelInfo(encoder_pb2.GetModelInfoRequest(), timeout=timeout)
-        except grpc.RpcError as exc:
-            raise peer_error(exc, f"encoder at {self.address}") from None
+        r = await self.stub.GetModelInfo(encoder_pb2.GetModelInfoRequest(), timeout=timeout)
         return ModelInfo(
             image_model=r.image_model,
             image_model_version=r.image_model_version,
@@ -50,10 +50,7 @@ class EncoderClient:
 
     async def encode_texts(self, texts: Sequence[str], timeout: float) -> list[Matrix | ImgsearchError]:
         """One embedding (384-d, normalised) or one error per text, in order."""
-        try:
-            r = await self.stub.EncodeTexts(encoder_pb2.EncodeTextsRequest(texts=list(texts)), timeout=timeout)
-        except grpc.RpcError as exc:
-            raise peer_error(exc, f"encoder at {self.address}") from None
+        r = await self.stub.EncodeTexts(encoder_pb2.EncodeTextsRequest(texts=list(texts)), timeout=timeout)
         out: list[Matrix | ImgsearchError] = []
         for item in r.results:
             if item.HasField("error"):
@@ -70,10 +67,7 @@ class EncoderClient:
             images=[encoder_pb2.ImageInput(data=data, name=name) for data, name in images],
             include_logits=include_logits,
         )
-        try:
-            r = await self.stub.EncodeImages(req, timeout=timeout)
-        except grpc.RpcError as exc:
-            raise peer_error(exc, f"encoder at {self.address}") from None
+        r = await self.stub.EncodeImages(req, timeout=timeout)
         out = []
         for item in r.results:
             if item.HasField("error"):

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import grpc
 
 
 class ImgsearchError(Exception):
-    """Base error: the servicer layer turns it into a gRPC status with this code and message."""
+    """Base error: the servicer layer turns it into a gRPC status with this code and message.
+
+    `message` goes to the caller, so it never names internal addresses; `log_fields` (peer address,
+    the peer's raw status) go only to this server's log line for the call.
+    """
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, log_fields: Mapping[str, Any] | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.log_fields: dict[str, Any] = dict(log_fields or {})
 
 
 class InvalidArgument(ImgsearchError):

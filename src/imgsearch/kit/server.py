@@ -14,7 +14,8 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from imgsearch.kit import metrics, tls
+from imgsearch.kit import metrics, tls, tracing
+from imgsearch.kit.auth import TokenFileError, internal_auth_interceptor
 from imgsearch.kit.logs import setup_logging
 from imgsearch.kit.rpc import ServerInterceptor
 from imgsearch.kit.settings import ServerSettings
@@ -45,8 +46,12 @@ class ServiceApp:
     methods: list[tuple[str, str, str]] = field(default_factory=list)
     version: str = "0.1.0"
     server_credentials: grpc.ServerCredentials | None = None
-    # Extra interceptors placed before the metrics one (e.g. authentication).
+    # Extra interceptors (e.g. the gateway's public bearer tokens), run inside the tracing, logging/metrics and
+    # internal-token ones, so their refusals are traced, counted and logged like any other status.
     interceptors: list[aio.ServerInterceptor] = field(default_factory=list)
+    # With INTERNAL_TOKEN_FILE set, require the internal token on this server's RPCs. The public edge (the
+    # gateway) sets False: its callers carry public tokens; it still sends the internal token to its peers.
+    internal_auth: bool = True
 
 
 def methods_of(service_descriptor: object) -> list[tuple[str, str, str]]:
@@ -84,8 +89,22 @@ class Runner:
             ("grpc.max_connection_age_ms", 300_000),
             ("grpc.max_connection_age_grace_ms", 600_000),
         ]
+        # Every service gets tracing and internal authentication from its settings, without code of its own.
+        tracing.setup_tracing(app.name)
+        try:
+            internal = internal_auth_interceptor(settings.internal_token_file) if app.internal_auth else None
+        except TokenFileError as exc:
+            raise SystemExit(f"imgsearch-{app.name}: {exc}") from None
+        # Outermost first: the span is open while the access line is written (so it carries the trace id), and
+        # refusals by the token interceptors below are counted and logged like any other status.
+        interceptors: list[aio.ServerInterceptor] = [
+            tracing.server_interceptor(),
+            ServerInterceptor(settings.access_log_level, app.name),
+            *([internal] if internal is not None else []),
+            *app.interceptors,
+        ]
         self.server = aio.server(
-            interceptors=[*app.interceptors, ServerInterceptor()],
+            interceptors=interceptors,
             options=options,
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
@@ -133,6 +152,7 @@ class Runner:
                 "address": f"{self.settings.host}:{self.port}",
                 "metrics_port": self.metrics_port,
                 "tls": credentials is not None,
+                "internal_auth": self.app.internal_auth and self.settings.internal_token_file is not None,
             },
         )
 
@@ -150,6 +170,7 @@ class Runner:
         if self.health_server is not None:
             await self.health_server.stop(0)
         await self.app.shutdown()
+        tracing.flush_tracing()
         log.info("stopped")
 
 

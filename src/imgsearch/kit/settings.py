@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from pydantic import Field, FilePath, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -46,6 +46,22 @@ class ServerSettings(BaseSettings):
     # Kubelet gRPC probes cannot speak TLS, so a TLS server needs a plaintext health-only listener.
     health_port: int | None = Field(
         None, ge=0, le=65535, description="extra plaintext port serving only grpc.health.v1 (for TLS servers' probes)"
+    )
+
+    # One shared secret for service-to-service calls (see kit/auth.py): servers require it, peer channels send it.
+    internal_token_file: FilePath | None = Field(
+        None,
+        description=(
+            "internal bearer tokens, one per line (several during a rotation); when set, every RPC but health and"
+            " reflection needs one of them, and calls to peers send the first line"
+        ),
+    )
+    access_log_level: Literal["DEBUG", "INFO", "WARNING", "OFF"] = Field(
+        "INFO",
+        description=(
+            "level of the one log line per successful RPC (OFF: none); failed RPCs are always logged, client"
+            " errors at INFO, unavailable peers and deadlines at WARNING, server faults at ERROR"
+        ),
     )
 
     @field_validator("tls_key_file", "peer_tls_key_file")

@@ -7,6 +7,8 @@ import numpy as np
 from imgsearch.api.common.v1 import common_pb2
 from imgsearch.api.index.v1 import index_pb2
 from imgsearch.index.core import (
+    HeadConfig,
+    HeadState,
     Hit,
     RecordInput,
     ScanPage,
@@ -52,6 +54,7 @@ def record_input(rec: index_pb2.Record) -> RecordInput:
         created_unix_ms=rec.created_unix_ms,
         feature_norm=rec.feature_norm,
         top_logits=[(c.class_index, c.logit) for c in rec.top_logits],
+        semantics=[(s.head, _array(s.vector) if s.HasField("vector") else None) for s in rec.semantics],
     )
 
 
@@ -96,6 +99,10 @@ def record(rec: StoredRecord) -> index_pb2.Record:
         out.visual.CopyFrom(to_vector(rec.visual))
     if rec.semantic is not None:
         out.semantic.CopyFrom(to_vector(rec.semantic))
+    for head in rec.heads:
+        entry = out.semantics.add(head=head)
+        if (vec := rec.semantics.get(head)) is not None:
+            entry.vector.CopyFrom(to_vector(vec))
     return out
 
 
@@ -114,3 +121,28 @@ def stats_response(stats: ShardStats) -> index_pb2.StatsResponse:
         last_snapshot_unix_ms=stats.last_snapshot_unix_ms,
         wal_entries=stats.wal_entries,
     )
+
+
+def head_config(msg: index_pb2.HeadConfig) -> HeadConfig:
+    return HeadConfig(epoch=msg.epoch, active=msg.active, building=msg.building)
+
+
+def get_head_state_response(state: HeadState) -> index_pb2.GetHeadStateResponse:
+    return index_pb2.GetHeadStateResponse(
+        config=_config_msg(state.config),
+        records=state.records,
+        vectors_per_head=state.vectors_per_head,
+        last_semantic_write_unix_ms=state.last_semantic_write_unix_ms,
+        shard=state.shard,
+    )
+
+
+def set_head_config_response(state: HeadState) -> index_pb2.SetHeadConfigResponse:
+    # The same fields as GetHeadStateResponse (buf's naming rules want one response type per RPC).
+    out = index_pb2.SetHeadConfigResponse()
+    out.ParseFromString(get_head_state_response(state).SerializeToString())
+    return out
+
+
+def _config_msg(config: HeadConfig) -> index_pb2.HeadConfig:
+    return index_pb2.HeadConfig(epoch=config.epoch, active=config.active, building=config.building)

@@ -23,6 +23,6 @@ WAL_ENTRIES = Gauge(
 )
 WRITES = Counter(
     "imgsearch_index_writes_total",
-    "Records written: upserts stored, deletes of existing ids, semantic vectors replaced (op=set_semantic).",
+    "Records written: upserts stored, deletes of existing ids, semantic vectors added or replaced (op=set_semantic).",
     ("shard", "op"),
 )

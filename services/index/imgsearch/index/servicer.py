@@ -71,3 +71,16 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
     async def Stats(self, request: index_pb2.StatsRequest, context: Context) -> index_pb2.StatsResponse:
         stats = await asyncio.to_thread(self._core().stats)
         return convert.stats_response(stats)
+
+    async def GetHeadState(
+        self, request: index_pb2.GetHeadStateRequest, context: Context
+    ) -> index_pb2.GetHeadStateResponse:
+        state = await asyncio.to_thread(self._core().head_state)
+        return convert.get_head_state_response(state)
+
+    async def SetHeadConfig(
+        self, request: index_pb2.SetHeadConfigRequest, context: Context
+    ) -> index_pb2.SetHeadConfigResponse:
+        core = self._core()
+        state = await asyncio.to_thread(core.set_head_config, convert.head_config(request.config))
+        return convert.set_head_config_response(state)

@@ -4,20 +4,26 @@ Every Upsert, Delete or SetSemantic request is one transaction, committed (and f
 sent, so an acknowledged write survives a SIGKILL or a power cut. FAISS holds only derived state, rebuilt from here.
 
 Tables:
-- records: label (int64 FAISS id, never reused: AUTOINCREMENT) <-> string id, plus head, metadata, source.
+- records: label (int64 FAISS id, never reused: AUTOINCREMENT) <-> string id, plus metadata and source.
   A replaced id keeps its label, so label -> id never changes while the id exists.
-- vectors: the normalised float32 vectors per label, plus what re-projecting into a new semantic head needs
+- vectors: the normalised visual vector per label, plus what re-projecting into a new semantic head needs
   without the image: the raw features' L2 norm and the top ImageNet logits (a BLOB of n little-endian int16
   class indices followed by n float32 logits; NULL for none). Apart from records so that loading the id map at
   start does not read these pages.
-- changes: one row per applied upsert, delete or semantic replacement (seq AUTOINCREMENT, monotonic). A FAISS
+- semantics: one normalised semantic vector per (label, head), so that a record holds the vectors of several
+  heads at once while a new head is built. Its primary key index covers (label, head), so loading which heads
+  each label has at start reads that index, not the vectors.
+- changes: one row per applied upsert, delete or semantic write (seq AUTOINCREMENT, monotonic). A FAISS
   snapshot records the last seq it contains; on start only rows after it are replayed. Rows up to a durable
   snapshot are pruned.
 - meta: the schema version, the shard's uuid (snapshots must belong to this database), the dimensions it was
-  created with, and the seq the change log is pruned up to (an older snapshot could not be brought up to date).
+  created with, the seq the change log is pruned up to (an older snapshot could not be brought up to date), the
+  head configuration (head_epoch, head_active, head_building) and when SetSemantic last wrote.
 
-Schema versions: 1 had no feature_norm / top_logits columns; opening it adds them (0 and NULL for the rows
-already stored, i.e. "unknown") in the same transaction that records version 2, so nothing stored is rewritten.
+Schema versions: 1 had no feature_norm / top_logits columns; 2 added them (0 and NULL for the rows already stored,
+i.e. "unknown"); 2 held one semantic vector per record (vectors.semantic, with its head in records.semantic_head),
+3 moves each into the semantics table and drops those two columns. Opening an older database upgrades it in
+the transaction that records the new version: all or nothing.
 """
 
 from __future__ import annotations
@@ -28,26 +34,29 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from imgsearch.index.types import HeadConfig
 from imgsearch.kit.errors import FailedPrecondition, ImgsearchError, ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
 
 DB_NAME = "index.sqlite3"
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 # Versions this code opens, upgrading them to SCHEMA_VERSION.
-_KNOWN_VERSIONS = ("1", SCHEMA_VERSION)
+_KNOWN_VERSIONS = ("1", "2", SCHEMA_VERSION)
 # Columns added by version 2, with the values rows stored before it get (ALTER TABLE ADD COLUMN needs a constant).
 _V2_COLUMNS = {"feature_norm": "REAL NOT NULL DEFAULT 0", "top_logits": "BLOB"}
 # SQLite's default limit on host parameters is 32766 since 3.32; stay far below it.
 _IN_CHUNK = 500
+_HEAD_KEYS = ("head_epoch", "head_active", "head_building")
+_LAST_SEMANTIC_KEY = "last_semantic_write_ms"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -55,7 +64,6 @@ CREATE TABLE IF NOT EXISTS records (
     label INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,
     has_visual INTEGER NOT NULL,
-    semantic_head TEXT,
     metadata TEXT NOT NULL,
     source_name TEXT NOT NULL,
     created_ms INTEGER NOT NULL,
@@ -64,9 +72,14 @@ CREATE TABLE IF NOT EXISTS records (
 CREATE TABLE IF NOT EXISTS vectors (
     label INTEGER PRIMARY KEY,
     visual BLOB,
-    semantic BLOB,
     feature_norm REAL NOT NULL DEFAULT 0,
     top_logits BLOB
+);
+CREATE TABLE IF NOT EXISTS semantics (
+    label INTEGER NOT NULL,
+    head TEXT NOT NULL,
+    vector BLOB NOT NULL,
+    PRIMARY KEY (label, head)
 );
 CREATE TABLE IF NOT EXISTS changes (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -80,6 +93,7 @@ CREATE TABLE IF NOT EXISTS changes (
 
 # (class_index, logit) pairs, highest logit first as the caller gave them.
 TopLogits = tuple[tuple[int, float], ...]
+Vec = npt.NDArray[np.float32]
 
 
 def now_ms() -> int:
@@ -88,12 +102,11 @@ def now_ms() -> int:
 
 @dataclass(frozen=True)
 class UpsertOp:
-    """A validated record to insert or replace (vectors already normalised)."""
+    """A validated record to insert or replace (vectors already normalised); it replaces every head's vector."""
 
     id: str
-    visual: npt.NDArray[np.float32] | None
-    semantic: npt.NDArray[np.float32] | None
-    semantic_head: str | None
+    visual: Vec | None
+    semantics: Mapping[str, Vec]
     metadata: dict[str, str]
     source_name: str
     # 0: keep the stored creation time on replace, now on insert.
@@ -109,10 +122,10 @@ class DeleteOp:
 
 @dataclass(frozen=True)
 class SemanticOp:
-    """A validated replacement of one record's semantic vector and head; the rest of the record stays."""
+    """A validated write of one head's semantic vector of a record; its other heads and fields stay."""
 
     id: str
-    semantic: npt.NDArray[np.float32]
+    semantic: Vec
     semantic_head: str
 
 
@@ -125,7 +138,7 @@ class Slot:
 
     id: str
     has_visual: bool
-    semantic_head: str | None
+    heads: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -134,13 +147,17 @@ class StoredRecord:
     id: str
     metadata: dict[str, str]
     source_name: str
+    # Legacy single-head view: the preferred head the record has (see Store.fetch), and its vector when read.
     semantic_head: str | None
     created_ms: int
-    visual: npt.NDArray[np.float32] | None = None
-    semantic: npt.NDArray[np.float32] | None = None
+    visual: Vec | None = None
+    semantic: Vec | None = None
     # Read with the vectors only (0 and empty otherwise, as for records stored before schema version 2).
     feature_norm: float = 0.0
     top_logits: TopLogits = ()
+    # Every head the record has a vector of, sorted; their vectors when read with the vectors.
+    heads: tuple[str, ...] = ()
+    semantics: dict[str, Vec] = field(default_factory=dict)
 
 
 @dataclass
@@ -151,6 +168,14 @@ class VectorChunk:
     visual: list[bytes] = field(default_factory=list)
     semantic: dict[str, tuple[list[int], list[bytes]]] = field(default_factory=dict)
 
+    def merge(self, other: VectorChunk) -> None:
+        self.visual_labels += other.visual_labels
+        self.visual += other.visual
+        for head, (labels, blobs) in other.semantic.items():
+            group = self.semantic.setdefault(head, ([], []))
+            group[0].extend(labels)
+            group[1].extend(blobs)
+
 
 @dataclass(frozen=True)
 class WriteOutcome:
@@ -158,6 +183,8 @@ class WriteOutcome:
 
     labels: list[int | None]
     last_seq: int
+    # When a semantic write of this transaction was stored (0: it had none).
+    semantic_ms: int = 0
 
 
 def _storage_error(exc: sqlite3.OperationalError) -> ImgsearchError:
@@ -167,11 +194,11 @@ def _storage_error(exc: sqlite3.OperationalError) -> ImgsearchError:
     return Unavailable(f"the shard's storage failed ({exc}); nothing from this request was stored, retry later")
 
 
-def _blob(vec: npt.NDArray[np.float32] | None) -> bytes | None:
+def _blob(vec: Vec | None) -> bytes | None:
     return None if vec is None else np.ascontiguousarray(vec, dtype="<f4").tobytes()
 
 
-def _vec(blob: bytes | None) -> npt.NDArray[np.float32] | None:
+def _vec(blob: bytes | None) -> Vec | None:
     return None if blob is None else np.frombuffer(blob, dtype="<f4").astype(np.float32)
 
 
@@ -194,9 +221,21 @@ def _top_logits(blob: bytes | None) -> TopLogits:
     return tuple(zip(classes, logits, strict=True))
 
 
-def _chunks(items: Sequence[int], size: int = _IN_CHUNK) -> Iterator[Sequence[int]]:
+def _chunks(items: Sequence[Any], size: int = _IN_CHUNK) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def _marks(n: int) -> str:
+    return ",".join("?" * n)
+
+
+def preferred_head(heads: Sequence[str], prefer: Sequence[str]) -> str | None:
+    """The head a legacy single-head reader is shown: the first preferred one the record has, else the first."""
+    for head in prefer:
+        if head and head in heads:
+            return head
+    return min(heads) if heads else None
 
 
 class Store:
@@ -209,17 +248,20 @@ class Store:
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
         self.shard_uuid = self._init_meta(visual_dim, semantic_dim)
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
 
     def _init_meta(self, visual_dim: int, semantic_dim: int) -> str:
-        """Create the meta rows of a new database, or check an existing one and upgrade its schema."""
+        """Create the tables and meta rows of a new database, or check an existing one and upgrade its schema."""
         wanted = {"visual_dim": str(visual_dim), "semantic_dim": str(semantic_dim)}
         self._db.execute("BEGIN IMMEDIATE")
         try:
+            # In the transaction, so that a refused start (unknown version) creates nothing either.
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    self._db.execute(statement)
             stored = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
             if not stored:
                 stored = {"schema_version": SCHEMA_VERSION, "shard_uuid": uuid.uuid4().hex, **wanted}
@@ -244,20 +286,42 @@ class Store:
             raise
         return stored["shard_uuid"]
 
+    def _columns(self, table: str) -> set[str]:
+        return {str(row[1]) for row in self._db.execute(f"PRAGMA table_info({table})")}
+
     def _upgrade(self, version: str | None) -> None:
         """Bring an older schema to SCHEMA_VERSION (inside the caller's transaction: all or nothing)."""
-        # By the columns present rather than the version alone: a version-1 database whose tables were created
-        # but whose meta rows were not (a crash in between) is indistinguishable from a new one by its meta.
-        have = {str(row[1]) for row in self._db.execute("PRAGMA table_info(vectors)")}
-        added = [name for name in _V2_COLUMNS if name not in have]
+        # By the columns present rather than the version alone: a database whose tables were created but whose
+        # meta rows were not (a crash in between) is indistinguishable from a new one by its meta.
+        added = [name for name in _V2_COLUMNS if name not in self._columns("vectors")]
         for name in added:
             self._db.execute(f"ALTER TABLE vectors ADD COLUMN {name} {_V2_COLUMNS[name]}")
+        moved = 0
+        legacy_vector = "semantic" in self._columns("vectors")
+        legacy_head = "semantic_head" in self._columns("records")
+        if legacy_vector and legacy_head:
+            # Both must be set: version 1 and 2 refused a semantic vector without its head and vice versa.
+            moved = self._db.execute(
+                "INSERT INTO semantics(label, head, vector) SELECT v.label, r.semantic_head, v.semantic "
+                "FROM vectors v JOIN records r ON r.label = v.label "
+                "WHERE v.semantic IS NOT NULL AND r.semantic_head IS NOT NULL"
+            ).rowcount
+        if legacy_vector:
+            self._db.execute("ALTER TABLE vectors DROP COLUMN semantic")
+        if legacy_head:
+            self._db.execute("ALTER TABLE records DROP COLUMN semantic_head")
         if version != SCHEMA_VERSION:
             self._db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (SCHEMA_VERSION,))
-        if added or version != SCHEMA_VERSION:
+        if added or legacy_vector or legacy_head or version != SCHEMA_VERSION:
             log.info(
                 "database schema upgraded",
-                extra={"path": str(self.path), "from": version, "to": SCHEMA_VERSION, "added_columns": added},
+                extra={
+                    "path": str(self.path),
+                    "from": version,
+                    "to": SCHEMA_VERSION,
+                    "added_columns": added,
+                    "semantic_vectors_moved": moved,
+                },
             )
 
     def _reader(self) -> sqlite3.Connection:
@@ -285,45 +349,52 @@ class Store:
         db = self._db
         ts = now_ms()
         labels: list[int | None] = []
+        semantic_ms = 0
         db.execute("BEGIN IMMEDIATE")
         try:
             for op in ops:
                 if isinstance(op, UpsertOp):
                     label = self._upsert(op, ts)
                     db.execute(
-                        "INSERT OR REPLACE INTO vectors(label, visual, semantic, feature_norm, top_logits) "
-                        "VALUES (?, ?, ?, ?, ?)",
-                        (label, _blob(op.visual), _blob(op.semantic), op.feature_norm, _logits_blob(op.top_logits)),
+                        "INSERT OR REPLACE INTO vectors(label, visual, feature_norm, top_logits) VALUES (?, ?, ?, ?)",
+                        (label, _blob(op.visual), op.feature_norm, _logits_blob(op.top_logits)),
                     )
-                    db.execute(
-                        "INSERT INTO changes(op, label, id, unix_ms) VALUES ('upsert', ?, ?, ?)", (label, op.id, ts)
+                    # An upsert replaces the whole record, every head's vector included.
+                    db.execute("DELETE FROM semantics WHERE label = ?", (label,))
+                    db.executemany(
+                        "INSERT INTO semantics(label, head, vector) VALUES (?, ?, ?)",
+                        [(label, head, _blob(vec)) for head, vec in op.semantics.items()],
                     )
+                    self._log_change(label, "upsert", op.id, ts)
                     labels.append(label)
                 elif isinstance(op, SemanticOp):
                     row = db.execute(
-                        "UPDATE records SET semantic_head = ?, updated_ms = ? WHERE id = ? RETURNING label",
-                        (op.semantic_head, ts, op.id),
+                        "UPDATE records SET updated_ms = ? WHERE id = ? RETURNING label", (ts, op.id)
                     ).fetchone()
                     if row is None:
                         labels.append(None)
                         continue
-                    db.execute("UPDATE vectors SET semantic = ? WHERE label = ?", (_blob(op.semantic), row[0]))
-                    # Replay re-reads every vector of a touched label, which moves it to the new head's index.
                     db.execute(
-                        "INSERT INTO changes(op, label, id, unix_ms) VALUES ('set_semantic', ?, ?, ?)",
-                        (row[0], op.id, ts),
+                        "INSERT OR REPLACE INTO semantics(label, head, vector) VALUES (?, ?, ?)",
+                        (row[0], op.semantic_head, _blob(op.semantic)),
                     )
+                    # Replay re-reads every vector of a touched label, so the new head's vector is picked up.
+                    self._log_change(int(row[0]), "set_semantic", op.id, ts)
                     labels.append(int(row[0]))
+                    semantic_ms = ts
                 else:
                     row = db.execute("DELETE FROM records WHERE id = ? RETURNING label", (op.id,)).fetchone()
                     if row is None:
                         labels.append(None)
                         continue
                     db.execute("DELETE FROM vectors WHERE label = ?", (row[0],))
-                    db.execute(
-                        "INSERT INTO changes(op, label, id, unix_ms) VALUES ('delete', ?, ?, ?)", (row[0], op.id, ts)
-                    )
+                    db.execute("DELETE FROM semantics WHERE label = ?", (row[0],))
+                    self._log_change(int(row[0]), "delete", op.id, ts)
                     labels.append(int(row[0]))
+            if semantic_ms:
+                db.execute(
+                    "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (_LAST_SEMANTIC_KEY, str(semantic_ms))
+                )
             last_seq = self._last_seq(db)
             db.execute("COMMIT")
         except BaseException as exc:
@@ -332,16 +403,18 @@ class Store:
             if isinstance(exc, sqlite3.OperationalError):
                 raise _storage_error(exc) from exc
             raise
-        return WriteOutcome(labels=labels, last_seq=last_seq)
+        return WriteOutcome(labels=labels, last_seq=last_seq, semantic_ms=semantic_ms)
+
+    def _log_change(self, label: int, op: str, id_: str, ts: int) -> None:
+        self._db.execute("INSERT INTO changes(op, label, id, unix_ms) VALUES (?, ?, ?, ?)", (op, label, id_, ts))
 
     def _upsert(self, op: UpsertOp, ts: int) -> int:
         row = self._db.execute(
             """
-            INSERT INTO records(id, has_visual, semantic_head, metadata, source_name, created_ms, updated_ms)
-            VALUES (?, ?, ?, ?, ?, ?, ?)
+            INSERT INTO records(id, has_visual, metadata, source_name, created_ms, updated_ms)
+            VALUES (?, ?, ?, ?, ?, ?)
             ON CONFLICT(id) DO UPDATE SET
                 has_visual = excluded.has_visual,
-                semantic_head = excluded.semantic_head,
                 metadata = excluded.metadata,
                 source_name = excluded.source_name,
                 created_ms = CASE WHEN ? > 0 THEN excluded.created_ms ELSE records.created_ms END,
@@ -351,7 +424,6 @@ class Store:
             (
                 op.id,
                 int(op.visual is not None),
-                op.semantic_head,
                 json.dumps(op.metadata, ensure_ascii=False, sort_keys=True),
                 op.source_name,
                 op.created_ms if op.created_ms > 0 else ts,
@@ -360,6 +432,27 @@ class Store:
             ),
         ).fetchone()
         return int(row[0])
+
+    def set_head_config(self, config: HeadConfig) -> HeadConfig:
+        """Store the configuration if its epoch is newer than the stored one; returns the one in force after."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            stored = self._head_config(db)
+            if config.epoch > stored.epoch:
+                values = (str(config.epoch), config.active, config.building)
+                db.executemany(
+                    "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", zip(_HEAD_KEYS, values, strict=True)
+                )
+                stored = config
+            db.execute("COMMIT")
+        except BaseException as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.OperationalError):
+                raise _storage_error(exc) from exc
+            raise
+        return stored
 
     def prune_changes(self, upto_seq: int) -> int:
         """Drop change rows already contained in a durable snapshot; returns how many remain after it."""
@@ -381,95 +474,142 @@ class Store:
         row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
         return int(row[0]) if row else 0
 
+    @staticmethod
+    def _meta(conn: sqlite3.Connection, keys: Sequence[str]) -> dict[str, str]:
+        rows = conn.execute(f"SELECT key, value FROM meta WHERE key IN ({_marks(len(keys))})", tuple(keys))
+        return {str(k): str(v) for k, v in rows.fetchall()}
+
+    @classmethod
+    def _head_config(cls, conn: sqlite3.Connection) -> HeadConfig:
+        meta = cls._meta(conn, _HEAD_KEYS)
+        return HeadConfig(
+            epoch=int(meta.get("head_epoch", "0")),
+            active=meta.get("head_active", ""),
+            building=meta.get("head_building", ""),
+        )
+
+    def head_config(self) -> HeadConfig:
+        return self._head_config(self._reader())
+
+    def last_semantic_write_ms(self) -> int:
+        return int(self._meta(self._reader(), (_LAST_SEMANTIC_KEY,)).get(_LAST_SEMANTIC_KEY, "0"))
+
     def last_seq(self) -> int:
         return self._last_seq(self._reader())
 
     def pruned_seq(self) -> int:
         """Changes up to this seq are gone from the log: a snapshot older than that cannot be replayed."""
-        row = self._reader().execute("SELECT value FROM meta WHERE key = 'pruned_seq'").fetchone()
-        return int(row[0]) if row else 0
+        return int(self._meta(self._reader(), ("pruned_seq",)).get("pruned_seq", "0"))
 
     def changes_after(self, seq: int) -> tuple[list[int], int]:
         """Distinct labels touched by changes after seq, and how many changes that is."""
         rows = self._reader().execute("SELECT label FROM changes WHERE seq > ? ORDER BY seq", (seq,)).fetchall()
         return sorted({int(r[0]) for r in rows}), len(rows)
 
-    def slots(self) -> Iterator[tuple[int, Slot]]:
-        """Every stored label with its id and which spaces it has vectors in."""
-        cur = self._reader().execute("SELECT label, id, has_visual, semantic_head FROM records")
-        while rows := cur.fetchmany(8192):
-            for label, id_, has_visual, head in rows:
-                yield int(label), Slot(id=id_, has_visual=bool(has_visual), semantic_head=head)
-
-    def vectors(self, labels: Sequence[int] | None = None, chunk_rows: int = 4096) -> Iterator[VectorChunk]:
-        """Stored vectors, all of them (labels=None) or of these labels, in chunks grouped by index."""
-        sql = "SELECT v.label, v.visual, v.semantic, r.semantic_head FROM vectors v JOIN records r USING (label)"
+    def slots(self) -> dict[int, Slot]:
+        """Every stored label with its id and which spaces it has vectors in (one read transaction)."""
         conn = self._reader()
-        if labels is None:
-            batches: Iterable[sqlite3.Cursor] = [conn.execute(sql + " ORDER BY v.label")]
-        else:
-            batches = (
-                conn.execute(sql + f" WHERE v.label IN ({','.join('?' * len(part))})", tuple(part))
-                for part in _chunks(labels)
-            )
-        for cur in batches:
-            while rows := cur.fetchmany(chunk_rows):
-                out = VectorChunk()
-                for label, visual, semantic, head in rows:
-                    if visual is not None:
-                        out.visual_labels.append(int(label))
-                        out.visual.append(visual)
-                    if semantic is not None:
-                        group = out.semantic.setdefault(head, ([], []))
-                        group[0].append(int(label))
-                        group[1].append(semantic)
-                yield out
-
-    def fetch(self, labels: Sequence[int], include_vectors: bool = False) -> dict[int, StoredRecord]:
-        """Records of these labels that still exist, read in one transaction."""
-        return {rec.label: rec for rec in self._fetch("label", list(dict.fromkeys(labels)), include_vectors)}
-
-    def fetch_ids(self, ids: Sequence[str], include_vectors: bool = False) -> dict[str, StoredRecord]:
-        """Records of these string ids that exist, read in one transaction."""
-        return {rec.id: rec for rec in self._fetch("id", list(dict.fromkeys(ids)), include_vectors)}
-
-    def _fetch(self, key: str, values: Sequence[int | str], include_vectors: bool) -> list[StoredRecord]:
-        if not values:
-            return []
-        conn = self._reader()
-        out: list[StoredRecord] = []
-        # One read transaction, so that a request split into chunks still sees one state of the shard.
+        heads: dict[int, set[str]] = {}
+        out: dict[int, Slot] = {}
         conn.execute("BEGIN")
         try:
-            for start in range(0, len(values), _IN_CHUNK):
-                part = tuple(values[start : start + _IN_CHUNK])
-                rows = conn.execute(
-                    f"{_select(include_vectors)} WHERE r.{key} IN ({','.join('?' * len(part))})", part
-                ).fetchall()
-                out.extend(_record(row) for row in rows)
+            cur = conn.execute("SELECT label, head FROM semantics")
+            while rows := cur.fetchmany(8192):
+                for label, head in rows:
+                    heads.setdefault(int(label), set()).add(str(head))
+            cur = conn.execute("SELECT label, id, has_visual FROM records")
+            while rows := cur.fetchmany(8192):
+                for label, id_, has_visual in rows:
+                    held = heads.get(int(label))
+                    out[int(label)] = Slot(id_, bool(has_visual), frozenset(held) if held else frozenset())
         finally:
             conn.execute("COMMIT")
         return out
 
-    def scan(self, after_label: int, limit: int, skip_head: str = "") -> list[StoredRecord]:
+    def vectors(self, labels: Sequence[int] | None = None, chunk_rows: int = 4096) -> Iterator[VectorChunk]:
+        """Stored vectors, all of them (labels=None) or of these labels, in chunks grouped by index."""
+        conn = self._reader()
+        visual_sql = "SELECT label, visual FROM vectors WHERE visual IS NOT NULL"
+        semantic_sql = "SELECT label, head, vector FROM semantics"
+        cursors: list[sqlite3.Cursor] = []
+        if labels is None:
+            cursors = [conn.execute(visual_sql + " ORDER BY label"), conn.execute(semantic_sql + " ORDER BY label")]
+        else:
+            for part in _chunks(labels):
+                where = f"label IN ({_marks(len(part))})"
+                cursors.append(conn.execute(f"{visual_sql} AND {where}", tuple(part)))
+                cursors.append(conn.execute(f"{semantic_sql} WHERE {where}", tuple(part)))
+        for cur in cursors:
+            while rows := cur.fetchmany(chunk_rows):
+                out = VectorChunk()
+                for row in rows:
+                    if len(row) == 2:
+                        out.visual_labels.append(int(row[0]))
+                        out.visual.append(row[1])
+                    else:
+                        group = out.semantic.setdefault(str(row[1]), ([], []))
+                        group[0].append(int(row[0]))
+                        group[1].append(row[2])
+                yield out
+
+    def fetch(
+        self, labels: Sequence[int], include_vectors: bool = False, prefer: Sequence[str] = ()
+    ) -> dict[int, StoredRecord]:
+        """Records of these labels that still exist, read in one transaction.
+
+        `prefer`: heads to show in the legacy semantic_head / semantic fields, first held wins (see
+        preferred_head).
+        """
+        found = self._fetch("label", list(dict.fromkeys(labels)), include_vectors, prefer)
+        return {rec.label: rec for rec in found}
+
+    def fetch_ids(
+        self, ids: Sequence[str], include_vectors: bool = False, prefer: Sequence[str] = ()
+    ) -> dict[str, StoredRecord]:
+        """Records of these string ids that exist, read in one transaction."""
+        return {rec.id: rec for rec in self._fetch("id", list(dict.fromkeys(ids)), include_vectors, prefer)}
+
+    def _fetch(
+        self, key: str, values: Sequence[int | str], include_vectors: bool, prefer: Sequence[str]
+    ) -> list[StoredRecord]:
+        if not values:
+            return []
+        conn = self._reader()
+        rows: list[Sequence[Any]] = []
+        # One read transaction, so that a request split into chunks still sees one state of the shard.
+        conn.execute("BEGIN")
+        try:
+            for part in _chunks(values):
+                rows += conn.execute(f"{_select(include_vectors)} WHERE r.{key} IN ({_marks(len(part))})", tuple(part))
+            semantics = _semantics_of(conn, [int(row[0]) for row in rows], include_vectors)
+        finally:
+            conn.execute("COMMIT")
+        return [_record(row, semantics.get(int(row[0]), {}), prefer) for row in rows]
+
+    def scan(self, after_label: int, limit: int, skip_head: str = "", prefer: Sequence[str] = ()) -> list[StoredRecord]:
         """Up to `limit` records with labels above `after_label`, in label order, with their vectors.
 
-        Records whose semantic vectors come from `skip_head` (when given) are left out. Labels only grow and a
+        Records that already have a vector of `skip_head` (when given) are left out. Labels only grow and a
         replaced id keeps its label, so paging by the last label returned visits every record once, and
         records added meanwhile come in later pages.
         """
         sql = f"{_select(True)} WHERE r.label > ?"
         params: tuple[int | str, ...] = (after_label,)
         if skip_head:
-            # IS NOT: records without a semantic vector (NULL head) are not of the skipped head.
-            sql += " AND r.semantic_head IS NOT ?"
+            sql += " AND NOT EXISTS (SELECT 1 FROM semantics s WHERE s.label = r.label AND s.head = ?)"
             params += (skip_head,)
-        rows = self._reader().execute(sql + " ORDER BY r.label LIMIT ?", (*params, limit)).fetchall()
-        return [_record(row) for row in rows]
+        conn = self._reader()
+        conn.execute("BEGIN")
+        try:
+            rows = conn.execute(sql + " ORDER BY r.label LIMIT ?", (*params, limit)).fetchall()
+            semantics = _semantics_of(conn, [int(row[0]) for row in rows], True)
+        finally:
+            conn.execute("COMMIT")
+        return [_record(row, semantics.get(int(row[0]), {}), prefer) for row in rows]
 
 
-_RECORD_COLUMNS = "r.label, r.id, r.metadata, r.source_name, r.semantic_head, r.created_ms"
-_VECTOR_COLUMNS = "v.visual, v.semantic, v.feature_norm, v.top_logits"
+_RECORD_COLUMNS = "r.label, r.id, r.metadata, r.source_name, r.created_ms"
+_VECTOR_COLUMNS = "v.visual, v.feature_norm, v.top_logits"
 
 
 def _select(include_vectors: bool) -> str:
@@ -478,22 +618,46 @@ def _select(include_vectors: bool) -> str:
     return f"SELECT {_RECORD_COLUMNS} FROM records r"
 
 
-def _record(row: Sequence[Any]) -> StoredRecord:
-    """A row of _select(): vectors and signals when it has their columns."""
+def _semantics_of(
+    conn: sqlite3.Connection, labels: Sequence[int], include_vectors: bool
+) -> dict[int, dict[str, Vec | None]]:
+    """Per label, its heads (with their vectors when asked), inside the caller's read transaction."""
+    out: dict[int, dict[str, Vec | None]] = {}
+    columns = "label, head, vector" if include_vectors else "label, head"
+    for part in _chunks(labels):
+        sql = f"SELECT {columns} FROM semantics WHERE label IN ({_marks(len(part))})"
+        for row in conn.execute(sql, tuple(part)):
+            out.setdefault(int(row[0]), {})[str(row[1])] = _vec(row[2]) if include_vectors else None
+    return out
+
+
+def _record(row: Sequence[Any], semantics: Mapping[str, Vec | None], prefer: Sequence[str]) -> StoredRecord:
+    """A row of _select() plus the record's heads: vectors and signals when the row has their columns."""
+    heads = tuple(sorted(semantics))
+    head = preferred_head(heads, prefer)
+    vectors = {h: v for h, v in semantics.items() if v is not None}
     rec = StoredRecord(
         label=int(row[0]),
         id=row[1],
         metadata=json.loads(row[2]),
         source_name=row[3],
-        semantic_head=row[4],
-        created_ms=int(row[5]),
+        semantic_head=head,
+        created_ms=int(row[4]),
+        heads=heads,
     )
-    if len(row) == 6:
+    if len(row) == 5:
         return rec
-    return replace(
-        rec,
-        visual=_vec(row[6]),
-        semantic=_vec(row[7]),
-        feature_norm=float(row[8] or 0.0),
-        top_logits=_top_logits(row[9]),
+    return StoredRecord(
+        label=rec.label,
+        id=rec.id,
+        metadata=rec.metadata,
+        source_name=rec.source_name,
+        semantic_head=head,
+        created_ms=rec.created_ms,
+        visual=_vec(row[5]),
+        semantic=None if head is None else vectors.get(head),
+        feature_norm=float(row[6] or 0.0),
+        top_logits=_top_logits(row[7]),
+        heads=heads,
+        semantics={h: vectors[h] for h in heads if h in vectors},
     )

@@ -1,0 +1,129 @@
+"""Domain types of the index shard: requests, results, head configuration and contract limits."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import numpy as np
+import numpy.typing as npt
+
+from imgsearch.kit.errors import ImgsearchError
+
+Vector = npt.NDArray[np.float32]
+
+# Limits of the contract (index.proto): top logits per record, ImageNet-style class indices (stored as int16).
+MAX_TOP_LOGITS = 32
+MAX_CLASS_INDEX = 9999
+# Scan page sizes (index.proto): 0 asks for the default.
+SCAN_DEFAULT_PAGE = 100
+SCAN_MAX_PAGE = 1000
+
+
+class Space(StrEnum):
+    VISUAL = "visual"
+    SEMANTIC = "semantic"
+
+
+@dataclass(frozen=True)
+class RecordInput:
+    """One record of an Upsert request, not yet validated."""
+
+    id: str
+    visual: Vector | None = None
+    # Legacy single-head form: counts as one more entry of `semantics` when either is set.
+    semantic: Vector | None = None
+    semantic_head: str = ""
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    source_name: str = ""
+    # 0: now for a new id, unchanged for a replacement. Set it to carry the time over (e.g. resharding).
+    created_unix_ms: int = 0
+    # L2 norm of the raw CNN features (0: unknown) and the highest (class_index, logit) pairs, for re-projection.
+    feature_norm: float = 0.0
+    top_logits: Sequence[tuple[int, float]] = ()
+    # (head, vector) per projection head; a None vector is an entry sent without one (a caller's mistake).
+    semantics: Sequence[tuple[str, Vector | None]] = ()
+
+
+@dataclass(frozen=True)
+class SemanticInput:
+    """One update of a SetSemantic request, not yet validated."""
+
+    id: str
+    semantic: Vector | None
+    semantic_head: str
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """Which heads the cluster uses: queries use `active`; `building` is dual-written and backfilled."""
+
+    epoch: int = 0
+    active: str = ""
+    building: str = ""
+
+    def required(self) -> tuple[str, ...]:
+        """Heads every upserted record must have a vector of (none before the first configuration)."""
+        if self.epoch == 0:
+            return ()
+        return (self.active, self.building) if self.building else (self.active,)
+
+
+@dataclass(frozen=True)
+class HeadState:
+    config: HeadConfig
+    # Live records, and per head the live records holding a vector of it.
+    records: int
+    vectors_per_head: dict[str, int]
+    last_semantic_write_unix_ms: int
+    shard: str
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    id: str
+    changed: bool = False
+    error: ImgsearchError | None = None
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: str
+    score: float
+    metadata: dict[str, str]
+    source_name: str
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    hits: list[Hit]
+    # Vectors in the index that was searched.
+    searched: int
+    space: Space
+    # The semantic head searched (None for visual searches and empty shards).
+    head: str | None
+
+
+@dataclass(frozen=True)
+class ShardStats:
+    shard: str
+    count: int
+    visual_count: int
+    visual_dim: int
+    semantic_dim: int
+    semantic_heads: dict[str, int]
+    index_type: str
+    last_snapshot_unix_ms: int
+    wal_entries: int
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """How the shard came up: from a snapshot plus replay, or rebuilt from SQLite."""
+
+    mode: str  # "snapshot", "rebuild" or "empty"
+    seconds: float
+    records: int
+    replayed_changes: int = 0
+    reason: str = ""
