@@ -1,49 +1,211 @@
-"""The `imgsearch` command line: add, search and tag images through the gateway."""
+"""The `imgsearch` command line: add, search and tag images through the gateway.
+
+Built on Click (Pallets; typed, long-lived, with help for positionals since 8.5, a test runner and
+parameter-source tracking), which lets every global option come before or after the subcommand and turns each
+user mistake into one line.
+"""
 
 from __future__ import annotations
 
-import argparse
+import functools
 import json
-import os
 import sys
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, is_dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import click
 import grpc
+from click.core import ParameterSource
 from tqdm import tqdm
 
-from imgsearch.client import DEFAULT_ADDRESS, GatewayClient, ImageToAdd, ItemOutcome, SearchResults, TagResults
+from imgsearch.client.channel import DEFAULT_ADDRESS, DEFAULT_TIMEOUT, AddressError, check_address
+from imgsearch.client.domain import (
+    DEFAULT_K,
+    FILTER_NAMES,
+    SPACE_NAMES,
+    HeadSwitchStatus,
+    ImageToAdd,
+    ItemOutcome,
+    SearchResults,
+    TagResults,
+)
+from imgsearch.client.sync import GatewayClient
 
+PROG = "imgsearch"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"}
 ADD_CHUNK = 256  # images per streaming call, so a long import is acknowledged as it goes
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-def collect(paths: Sequence[str]) -> list[tuple[Path, str]]:
-    """(file, id) for every image under the given files and folders; ids are paths without suffix."""
-    found: list[tuple[Path, str]] = []
-    for raw in paths:
-        p = Path(raw)
-        if p.is_dir():
-            for f in sorted(p.rglob("*")):
-                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
-                    found.append((f, f.relative_to(p).with_suffix("").as_posix()))
-        elif p.is_file():
-            found.append((p, p.stem))
-        else:
-            raise SystemExit(f"imgsearch: {raw}: no such file or folder")
-    return found
+# ---- settings shared by every command -------------------------------------------------------------
 
 
-def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
-    if args.json:
-        print(json.dumps(payload, indent=2, default=lambda o: asdict(o) if is_dataclass(o) else str(o)))  # type: ignore[arg-type]
+@dataclass
+class Settings:
+    """The global options, merged from the group and from the subcommand (the later one on the line wins)."""
+
+    address: str = DEFAULT_ADDRESS
+    json: bool = False
+    timeout: float = DEFAULT_TIMEOUT
+    token: str | None = None
+    ca_file: Path | None = None
+
+    def client(self) -> GatewayClient:
+        return GatewayClient(self.address, timeout=self.timeout, token=self.token, ca_file=self.ca_file)
+
+
+def _address(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    try:
+        return check_address(value)
+    except AddressError as exc:
+        # A UsageError, not BadParameter, whose message would blame the environment variable even for a flag.
+        raise click.UsageError(f"--address: {exc}", ctx) from None
+
+
+GLOBAL_OPTIONS: list[Callable[[F], F]] = [
+    click.option(
+        "--address",
+        envvar="IMGSEARCH_ADDRESS",
+        show_envvar=True,
+        default=DEFAULT_ADDRESS,
+        show_default=True,
+        callback=_address,
+        metavar="HOST:PORT",
+        help="Gateway to call; the port is required.",
+    ),
+    click.option("--json", "json_output", is_flag=True, default=False, show_default="off", help="Print JSON."),
+    click.option(
+        "--timeout",
+        type=click.FloatRange(min=0, min_open=True),
+        default=DEFAULT_TIMEOUT,
+        show_default=True,
+        metavar="SECONDS",
+        help="Deadline of each call (adding images allows at least 300 s).",
+    ),
+    click.option(
+        "--token",
+        envvar="IMGSEARCH_TOKEN",
+        show_envvar=True,
+        default=None,
+        show_default="none",
+        help="Bearer token for a secured gateway.",
+    ),
+    click.option(
+        "--ca-file",
+        envvar="IMGSEARCH_CA_FILE",
+        show_envvar=True,
+        default=None,
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        show_default="plaintext",
+        help="CA bundle: call the gateway over TLS.",
+    ),
+]
+_GLOBAL_NAMES = {
+    "address": "address",
+    "json_output": "json",
+    "timeout": "timeout",
+    "token": "token",
+    "ca_file": "ca_file",
+}
+
+
+def global_options(f: F) -> F:
+    """Accept the global options on this command too, so they may follow the subcommand on the line."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ctx = click.get_current_context()
+        settings = ctx.ensure_object(Settings)
+        root = ctx.parent is None
+        for param, attr in _GLOBAL_NAMES.items():
+            value = kwargs.pop(param)
+            # The group records every value (defaults and environment too); a subcommand only what was typed.
+            if root or ctx.get_parameter_source(param) == ParameterSource.COMMANDLINE:
+                setattr(settings, attr, value)
+        return f(*args, **kwargs)
+
+    for option in reversed(GLOBAL_OPTIONS):
+        wrapper = option(wrapper)
+    return wrapper  # type: ignore[return-value]
+
+
+def settings() -> Settings:
+    return click.get_current_context().ensure_object(Settings)
+
+
+def positional(name: str, help: str, **kwargs: Any) -> Callable[[F], F]:
+    return click.argument(name, help=help, **kwargs)
+
+
+def k_option(what: str) -> Callable[[F], F]:
+    return click.option(
+        "-k",
+        "k",
+        type=click.IntRange(min=1),
+        default=DEFAULT_K,
+        show_default=True,
+        help=f"Number of {what} (the gateway allows up to its max_k, 1000 by default).",
+    )
+
+
+def space_option(f: F) -> F:
+    return click.option(
+        "--space",
+        type=click.Choice(SPACE_NAMES),
+        default="visual",
+        show_default=True,
+        help="visual: by appearance; semantic: by meaning (the projection head's space).",
+    )(f)
+
+
+def filter_option(what: str) -> Callable[[F], F]:
+    return click.option(
+        "--filter",
+        "which",
+        type=click.Choice(FILTER_NAMES),
+        default="all",
+        show_default=True,
+        help=f"{what}: all tags, seen ones (shipped) or unseen ones (added live).",
+    )
+
+
+IMAGE_FILE = click.Path(exists=True, dir_okay=False, readable=True, path_type=Path)
+
+
+# ---- output ---------------------------------------------------------------------------------------
+
+
+def _jsonable(o: object) -> object:
+    if is_dataclass(o) and not isinstance(o, type):
+        return asdict(o)
+    return str(o)
+
+
+def emit(payload: Any, text: str) -> None:
+    if settings().json:
+        click.echo(json.dumps(payload, indent=2, default=_jsonable))
     else:
-        print(text)
+        click.echo(text)
 
 
-def _search_text(res: SearchResults) -> str:
+def item(number: int, name: str) -> str:
+    """How every batch message names an item: its 1-based place on the command line, and what it is."""
+    return f"item {number} ({name})"
+
+
+def outcome_line(number: int, name: str, o: ItemOutcome, verb: str, image: bool = False) -> str:
+    """One batch item's line; for an added image `changed` means created, for tags that the vocabulary changed."""
+    if not o.ok:
+        return f"{item(number, name)}: failed: {o.code}: {o.error}"
+    renamed = "" if o.id == name else f" as {o.id}"
+    if image:
+        return f"{item(number, name)}: {verb}{renamed}" + ("" if o.changed else " (replaced an image with that id)")
+    return f"{item(number, name)}: {verb if o.changed else 'unchanged'}"
+
+
+def search_text(res: SearchResults) -> str:
     lines = [f"{i + 1:>3}. {h.score:7.4f}  {h.id}  {h.source_name}" for i, h in enumerate(res.hits)]
     if res.partial:
         lines.append(f"(partial: shards {', '.join(res.failed_shards)} did not answer)")
@@ -52,184 +214,332 @@ def _search_text(res: SearchResults) -> str:
     return "\n".join(lines)
 
 
-def _tags_text(res: TagResults) -> str:
+def tags_text(res: TagResults) -> str:
     lines = [f"{i + 1:>3}. {t.score:7.4f}  {t.tag}{'' if t.seen else '  (unseen)'}" for i, t in enumerate(res.tags)]
     return "\n".join([*lines, f"(head {res.head}, {res.vocabulary_size} tags)"])
 
 
-def _outcomes_text(items: Sequence[ItemOutcome], verb: str) -> str:
-    lines = []
-    for o in items:
-        if o.ok:
-            lines.append(f"{verb}: {o.id}" + ("" if o.changed or verb != "added" else " (replaced)"))
+# ---- commands -------------------------------------------------------------------------------------
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="imgsearch", prog_name=PROG, message="%(prog)s %(version)s")
+@global_options
+def cli() -> None:
+    """Semantic image search and zero-shot tagging through the imgsearch gateway.
+
+    Global options (--address, --json, --timeout, --token, --ca-file) may come before or after the command.
+    """
+
+
+def collect(paths: Sequence[Path]) -> list[tuple[Path, str]]:
+    """(file, id) for every image under the given files and folders; ids are paths without suffix."""
+    found: list[tuple[Path, str]] = []
+    for p in paths:
+        if p.is_dir():
+            inside = [f for f in sorted(p.rglob("*")) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+            if not inside:
+                raise click.UsageError(f"{p}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
+            found.extend((f, f.relative_to(p).with_suffix("").as_posix()) for f in inside)
         else:
-            lines.append(f"failed: {o.id}: {o.code}: {o.error}")
-    return "\n".join(lines)
+            found.append((p, p.stem))
+    return found
 
 
-def cmd_add(args: argparse.Namespace, client: GatewayClient) -> int:
-    files = collect(args.paths)
-    meta = dict(kv.split("=", 1) for kv in args.meta)
+def _meta(ctx: click.Context, param: click.Parameter, values: Sequence[str]) -> dict[str, str]:
+    bad = [v for v in values if "=" not in v or not v.split("=", 1)[0]]
+    if bad:
+        raise click.BadParameter(f"{bad[0]!r} is not KEY=VALUE", ctx, param)
+    return dict(v.split("=", 1) for v in values)
+
+
+@cli.command("add")
+@positional(
+    "paths",
+    "Image files and folders (searched recursively).",
+    nargs=-1,
+    required=True,
+    type=click.Path(exists=True, path_type=Path),
+)
+@click.option(
+    "--meta",
+    multiple=True,
+    metavar="KEY=VALUE",
+    callback=_meta,
+    show_default="none",
+    help="Metadata for every image (repeatable).",
+)
+@click.option(
+    "--content-ids", is_flag=True, default=False, show_default="off", help="Ids from content hashes, not file names."
+)
+@global_options
+def add_cmd(paths: tuple[Path, ...], meta: dict[str, str], content_ids: bool) -> int:
+    """Add image files or folders; ids are the file names without suffix (paths inside a folder)."""
+    files = collect(paths)
     outcomes: list[ItemOutcome] = []
-    bar = tqdm(total=len(files), unit="img", disable=args.json or not sys.stderr.isatty(), file=sys.stderr)
+    bar = tqdm(total=len(files), unit="img", disable=settings().json or not sys.stderr.isatty(), file=sys.stderr)
 
     def stream(chunk: list[tuple[Path, str]]) -> Iterator[ImageToAdd]:
         for path, image_id in chunk:
-            yield ImageToAdd.from_path(path, "" if args.content_ids else image_id, meta)
+            yield ImageToAdd.from_path(path, "" if content_ids else image_id, meta)
             bar.update(1)
 
-    for start in range(0, len(files), ADD_CHUNK):
-        outcomes.extend(client.add_images(stream(files[start : start + ADD_CHUNK])))
+    with settings().client() as client:
+        for start in range(0, len(files), ADD_CHUNK):
+            outcomes.extend(client.add_images(stream(files[start : start + ADD_CHUNK])))
     bar.close()
-    failed = [o for o in outcomes if not o.ok]
-    summary = f"{len(outcomes) - len(failed)} added, {len(failed)} failed"
-    _emit(
-        args,
-        {"results": outcomes, "added": len(outcomes) - len(failed), "failed": len(failed)},
-        _outcomes_text(outcomes, "added") + "\n" + summary,
-    )
+    failed = sum(not o.ok for o in outcomes)
+    lines = [
+        outcome_line(i + 1, str(path), o, "added", image=True)
+        for i, ((path, _), o) in enumerate(zip(files, outcomes, strict=True))
+    ]
+    lines.append(f"{len(outcomes) - failed} added, {failed} failed")
+    emit({"results": outcomes, "added": len(outcomes) - failed, "failed": failed}, "\n".join(lines))
     return 1 if failed else 0
 
 
-def cmd_search_text(args: argparse.Namespace, client: GatewayClient) -> int:
-    res = client.search_text(args.query, args.k)
-    _emit(args, res, _search_text(res))
+@cli.command("search-text")
+@positional("query", "Free text, e.g. 'two dogs playing in the snow'.")
+@k_option("results")
+@global_options
+def search_text_cmd(query: str, k: int) -> int:
+    """Find images matching a text query (semantic space)."""
+    with settings().client() as client:
+        res = client.search_text(query, k)
+    emit(res, search_text(res))
     return 0
 
 
-def cmd_search_image(args: argparse.Namespace, client: GatewayClient) -> int:
-    res = client.search_image(Path(args.path).read_bytes(), args.k, args.space)
-    _emit(args, res, _search_text(res))
+@cli.command("search-image")
+@positional("path", "Image file to search with.", type=IMAGE_FILE)
+@k_option("results")
+@space_option
+@global_options
+def search_image_cmd(path: Path, k: int, space: str) -> int:
+    """Find images similar to an image file."""
+    with settings().client() as client:
+        res = client.search_image(path, k, space)
+    emit(res, search_text(res))
     return 0
 
 
-def cmd_similar(args: argparse.Namespace, client: GatewayClient) -> int:
-    res = client.similar(args.id, args.k, args.space, args.include_self)
-    _emit(args, res, _search_text(res))
+@cli.command("similar")
+@positional("image_id", "Id of a stored image.", metavar="ID")
+@k_option("results")
+@space_option
+@click.option("--include-self", is_flag=True, default=False, show_default="off", help="List the image itself too.")
+@global_options
+def similar_cmd(image_id: str, k: int, space: str, include_self: bool) -> int:
+    """Find images similar to a stored image."""
+    with settings().client() as client:
+        res = client.similar(image_id, k, space, include_self)
+    emit(res, search_text(res))
     return 0
 
 
-def cmd_tag(args: argparse.Namespace, client: GatewayClient) -> int:
-    res = client.tag(Path(args.path).read_bytes(), args.k, args.filter)
-    _emit(args, res, _tags_text(res))
+@cli.command("tag")
+@positional("path", "Image file to tag.", type=IMAGE_FILE)
+@k_option("tags")
+@filter_option("Which tags to rank")
+@global_options
+def tag_cmd(path: Path, k: int, which: str) -> int:
+    """Rank the live tag vocabulary against an image file."""
+    with settings().client() as client:
+        res = client.tag(path, k, which)
+    emit(res, tags_text(res))
     return 0
 
 
-def cmd_tags(args: argparse.Namespace, client: GatewayClient) -> int:
-    if args.action == "list":
-        tags = list(client.list_tags(args.filter))
-        _emit(
-            args, tags, "\n".join(f"{t.name}{'' if t.seen else '  (unseen)'}" for t in tags) + f"\n({len(tags)} tags)"
-        )
-        return 0
-    if not args.names:
-        raise SystemExit(f"imgsearch: tags {args.action} needs at least one tag")
-    outcomes = client.add_tags(args.names) if args.action == "add" else client.remove_tags(args.names)
-    verb = "added" if args.action == "add" else "removed"
-    text = "\n".join(
-        f"{verb}: {o.id}" if o.ok and o.changed else (f"unchanged: {o.id}" if o.ok else f"failed: {o.id}: {o.error}")
-        for o in outcomes
-    )
-    _emit(args, outcomes, text)
+@cli.command("get")
+@positional("ids", "Ids of stored images.", nargs=-1, required=True, metavar="ID...")
+@global_options
+def get_cmd(ids: tuple[str, ...]) -> int:
+    """Show stored images by id (metadata, source, shard); exits 1 if any is not stored."""
+    with settings().client() as client:
+        res = client.get_images(list(ids))
+    found = {i.id: i for i in res.images}
+    lines = []
+    for n, image_id in enumerate(ids, 1):
+        im = found.get(image_id)
+        if im is None:
+            lines.append(f"{item(n, image_id)}: not stored")
+            continue
+        meta = ", ".join(f"{k}={v}" for k, v in sorted(im.metadata.items())) or "-"
+        lines.append(f"{item(n, image_id)}: shard {im.shard}, source {im.source_name or '-'}, metadata {meta}")
+    if res.partial:
+        lines.append("(partial: some shards did not answer; their images show as not stored)")
+    emit(res, "\n".join(lines))
+    return 1 if res.missing_ids else 0
+
+
+@cli.command("count")
+@filter_option("Which tags to count")
+@global_options
+def count_cmd(which: str) -> int:
+    """Count the tags of the live vocabulary (the gateway has no call that counts stored images)."""
+    with settings().client() as client:
+        res = client.count_tags(which)
+    emit(res, f"{res.total} tags" + ("" if which == "all" else f" ({which})"))
+    return 0
+
+
+@cli.command("delete")
+@positional("ids", "Ids of stored images.", nargs=-1, required=True, metavar="ID...")
+@global_options
+def delete_cmd(ids: tuple[str, ...]) -> int:
+    """Delete stored images by id; exits 1 if any could not be deleted."""
+    with settings().client() as client:
+        res = client.delete_images(list(ids))
+    lines = [
+        outcome_line(i + 1, image_id, o, "deleted", image=True)
+        for i, (image_id, o) in enumerate(zip(ids, res.results, strict=False))
+    ]
+    if res.partial:
+        lines.append("(partial: some shards did not answer)")
+    emit({"results": res.results, "partial": res.partial}, "\n".join(lines))
+    return 0 if all(o.ok for o in res.results) else 1
+
+
+@cli.group("tags")
+@global_options
+def tags_group() -> None:
+    """Manage the live tag vocabulary: new tags are ranked from the next call on."""
+
+
+def _tag_batch(names: tuple[str, ...], add: bool) -> int:
+    with settings().client() as client:
+        outcomes = client.add_tags(list(names)) if add else client.remove_tags(list(names))
+    verb = "added" if add else "removed"
+    lines = [outcome_line(i + 1, name, o, verb) for i, (name, o) in enumerate(zip(names, outcomes, strict=False))]
+    emit(outcomes, "\n".join(lines))
     return 0 if all(o.ok for o in outcomes) else 1
 
 
-def cmd_heads(args: argparse.Namespace, client: GatewayClient) -> int:
-    if args.action == "list":
+@tags_group.command("add")
+@positional("names", "Tags to add (quote multi-word tags).", nargs=-1, required=True, metavar="TAG...")
+@global_options
+def tags_add_cmd(names: tuple[str, ...]) -> int:
+    """Add tags to the vocabulary."""
+    return _tag_batch(names, add=True)
+
+
+@tags_group.command("remove")
+@positional("names", "Tags to remove.", nargs=-1, required=True, metavar="TAG...")
+@global_options
+def tags_remove_cmd(names: tuple[str, ...]) -> int:
+    """Remove tags from the vocabulary."""
+    return _tag_batch(names, add=False)
+
+
+@tags_group.command("list")
+@filter_option("Which tags to list")
+@global_options
+def tags_list_cmd(which: str) -> int:
+    """List the vocabulary; unseen (live-added) tags are marked."""
+    with settings().client() as client:
+        tags = list(client.list_tags(which))
+    lines = [f"{t.name}{'' if t.seen else '  (unseen)'}" for t in tags]
+    emit(tags, "\n".join([*lines, f"({len(tags)} tags)"]))
+    return 0
+
+
+@cli.group("heads")
+@global_options
+def heads_group() -> None:
+    """List or switch the projection heads."""
+
+
+def status_lines(status: HeadSwitchStatus) -> list[str]:
+    if not status.building:
+        return [f"active: {status.active or '-'} (no switch under way)"]
+    lines = [f"active: {status.active}; building: {status.building}"]
+    for p in status.shards:
+        seen = "" if p.reachable else " (not answering; last numbers seen)"
+        lines.append(f"  {p.shard}: {p.done}/{p.images} images{seen}")
+    return lines
+
+
+@heads_group.command("list")
+@global_options
+def heads_list_cmd() -> int:
+    """Installed heads (* active, + being built) and the progress of a switch under way."""
+    with settings().client() as client:
         heads = client.list_heads()
-        lines = []
-        for h in heads:
-            shown = ", ".join(f"{k}={v:.3g}" for k, v in sorted(h.metrics.items())[:6])
-            lines.append(f"{'*' if h.active else ' '} {h.name}@{h.version}  ({h.kind})  {shown}")
-        _emit(args, heads, "\n".join(lines))
-        return 0
-    if not args.head:
-        raise SystemExit("imgsearch: heads activate needs a head name, name@version or file")
-    switch = client.activate_head(args.head, reproject=not args.no_reproject)
-    text = (
-        f"active: {switch.head.name}@{switch.head.version} (was {switch.previous}); re-projected {switch.reprojected}"
-    )
+        status = client.head_status()
+    lines = []
+    for h in heads:
+        shown = ", ".join(f"{k}={v:.3g}" for k, v in sorted(h.metrics.items())[:6])
+        mark = "*" if h.active else ("+" if h.building else " ")
+        lines.append(f"{mark} {h.name}@{h.version}  ({h.kind})  {shown}".rstrip())
+    emit({"heads": heads, "status": status}, "\n".join([*lines, *status_lines(status)]))
+    return 0
+
+
+@heads_group.command("activate")
+@positional("head", "An installed head: name or name@version.")
+@global_options
+def heads_activate_cmd(head: str) -> int:
+    """Start switching heads: the new head's space is built in the background, then it becomes active."""
+    with settings().client() as client:
+        switch = client.activate_head(head)
+    text = f"switching to {switch.head.name}@{switch.head.version} (queries use {switch.previous} until it is built)"
+    if switch.status is not None:
+        text += "\n" + "\n".join(status_lines(switch.status))
     if switch.failed_shards:
-        text += f"\nnot finished on {', '.join(switch.failed_shards)}: run the same command again to resume"
-    _emit(args, switch, text)
-    return 1 if switch.failed_shards else 0
+        text += f"\nnot told yet: {', '.join(switch.failed_shards)} (caught up when they answer again)"
+    text += "\nfollow it with `imgsearch heads list`"
+    emit(switch, text)
+    return 0
 
 
-def cmd_delete(args: argparse.Namespace, client: GatewayClient) -> int:
-    outcomes, partial = client.delete_images(args.ids)
-    _emit(args, {"results": outcomes, "partial": partial}, _outcomes_text(outcomes, "deleted"))
-    return 0 if all(o.ok for o in outcomes) else 1
+# ---- entry point: every failure becomes one line on stderr -----------------------------------------
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="imgsearch", description="Semantic image search and zero-shot tagging.")
-    p.add_argument(
-        "--address",
-        default=os.environ.get("IMGSEARCH_ADDRESS", DEFAULT_ADDRESS),
-        help=f"gateway host:port (env IMGSEARCH_ADDRESS, default {DEFAULT_ADDRESS})",
-    )
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
-    p.add_argument("--token", default=os.environ.get("IMGSEARCH_TOKEN"), help="bearer token (env IMGSEARCH_TOKEN)")
-    p.add_argument("--ca-file", type=Path, default=os.environ.get("IMGSEARCH_CA_FILE"), help="CA bundle for TLS")
-    sub = p.add_subparsers(dest="command", required=True)
+def one_line(text: str) -> str:
+    return " ".join(text.split())
 
-    a = sub.add_parser("add", help="add image files or folders")
-    a.add_argument("paths", nargs="+")
-    a.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE", help="metadata for every image")
-    a.add_argument("--content-ids", action="store_true", help="ids from content hashes instead of file names")
-    a.set_defaults(func=cmd_add)
 
-    for name, helptext, func in (
-        ("search-text", "find images matching a text query", cmd_search_text),
-        ("search-image", "find images similar to an image file", cmd_search_image),
-        ("similar", "find images similar to a stored image id", cmd_similar),
-    ):
-        s = sub.add_parser(name, help=helptext)
-        s.add_argument({"search-text": "query", "search-image": "path", "similar": "id"}[name])
-        s.add_argument("-k", type=int, default=10, help="number of results")
-        if name != "search-text":
-            s.add_argument("--space", choices=["visual", "semantic"], default="visual")
-        if name == "similar":
-            s.add_argument("--include-self", action="store_true")
-        s.set_defaults(func=func)
+def rpc_message(exc: grpc.RpcError, address: str, timeout: float) -> str:
+    code = exc.code() if isinstance(exc, grpc.Call) else None
+    details = one_line((exc.details() if isinstance(exc, grpc.Call) else None) or str(exc))
+    name = code.name if code is not None else "UNKNOWN"
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return (
+            f"cannot reach the gateway at {address} ({name}: {details}); is the stack running (`make up`), "
+            "or is --address / IMGSEARCH_ADDRESS wrong?"
+        )
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"{name}: no answer from {address} within {timeout:g} s (raise --timeout)"
+    return f"{name}: {details}"
 
-    t = sub.add_parser("tag", help="rank the tag vocabulary against an image file")
-    t.add_argument("path")
-    t.add_argument("-k", type=int, default=10)
-    t.add_argument("--filter", choices=["all", "seen", "unseen"], default="all")
-    t.set_defaults(func=cmd_tag)
 
-    v = sub.add_parser("tags", help="manage the live tag vocabulary")
-    v.add_argument("action", choices=["add", "remove", "list"])
-    v.add_argument("names", nargs="*")
-    v.add_argument("--filter", choices=["all", "seen", "unseen"], default="all")
-    v.set_defaults(func=cmd_tags)
-
-    h = sub.add_parser("heads", help="list or switch the projection heads")
-    h.add_argument("action", choices=["list", "activate"])
-    h.add_argument("head", nargs="?", help="for activate: name, name@version or head file on the tagger")
-    h.add_argument("--no-reproject", action="store_true", help="switch without moving stored images")
-    h.set_defaults(func=cmd_heads)
-
-    d = sub.add_parser("delete", help="delete stored images by id")
-    d.add_argument("ids", nargs="+")
-    d.set_defaults(func=cmd_delete)
-    return p
+def fail(message: str, code: int) -> int:
+    click.echo(f"{PROG}: {one_line(message)}", err=True)
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    current = Settings()
     try:
-        with GatewayClient(args.address, timeout=args.timeout, token=args.token, ca_file=args.ca_file) as client:
-            return int(args.func(args, client))
+        rv = cli.main(args=list(argv) if argv is not None else None, prog_name=PROG, standalone_mode=False, obj=current)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        click.echo(exc.ctx.get_help() if exc.ctx else exc.format_message(), err=True)
+        return 2
+    except click.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx else PROG
+        return fail(f"{exc.format_message()} (see `{where} --help`)", exc.exit_code)
+    except click.ClickException as exc:
+        return fail(exc.format_message(), exc.exit_code)
+    except click.Abort:
+        return fail("interrupted", 130)
     except grpc.RpcError as exc:
-        code = exc.code().name if hasattr(exc, "code") else "UNKNOWN"
-        details = exc.details() if hasattr(exc, "details") else str(exc)
-        if code == "UNAVAILABLE" and "connect" in (details or "").lower():
-            details = f"{details} (is the stack running? try `make up`; gateway address {args.address})"
-        print(f"imgsearch: {code}: {details}", file=sys.stderr)
-        return 1
+        return fail(rpc_message(exc, current.address, current.timeout), 1)
+    except OSError as exc:
+        return fail(f"{exc.filename}: {exc.strerror}" if exc.filename is not None else str(exc), 1)
+    except ValueError as exc:
+        # The SDK's checks (address, space, filter) raise ValueError with a message written for people.
+        return fail(str(exc), 1)
+    return rv if isinstance(rv, int) else 0
 
 
 if __name__ == "__main__":

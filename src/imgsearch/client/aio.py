@@ -1,0 +1,166 @@
+"""Async gateway client: `AsyncGatewayClient`, the same methods as `GatewayClient`, on grpc.aio."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from imgsearch.api.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from imgsearch.client import convert
+from imgsearch.client.channel import DEFAULT_TIMEOUT, Connection
+from imgsearch.client.domain import (
+    DeleteResults,
+    HeadInfo,
+    HeadSwitch,
+    HeadSwitchStatus,
+    ImageSource,
+    ImageToAdd,
+    ItemOutcome,
+    SearchResults,
+    StoredImages,
+    Tag,
+    TagCount,
+    TagResults,
+)
+from imgsearch.client.sync import ACTIVATE_TIMEOUT, ADD_TIMEOUT
+
+
+class AsyncGatewayClient:
+    """Async client over GatewayService (`async with`); errors surface as grpc.aio.AioRpcError."""
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        token: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
+        max_message_mb: int = 64,
+    ) -> None:
+        self.connection = Connection.make(address, timeout, token, ca_file, max_message_mb)
+        creds = self.connection.credentials()
+        options = self.connection.options
+        self.channel = (
+            grpc.aio.insecure_channel(self.address, options=options)
+            if creds is None
+            else grpc.aio.secure_channel(self.address, creds, options=options)
+        )
+        self.stub = gateway_pb2_grpc.GatewayServiceStub(self.channel)
+
+    @property
+    def address(self) -> str:
+        return self.connection.address
+
+    @property
+    def timeout(self) -> float:
+        return self.connection.timeout
+
+    @property
+    def ca_file(self) -> Path | None:
+        return self.connection.ca_file
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> AsyncGatewayClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _call(self, method: Any, request: Any, timeout: float | None = None) -> Any:
+        return await method(request, timeout=timeout or self.timeout, metadata=self.connection.metadata)
+
+    # ---- images ---------------------------------------------------------------------------------
+
+    async def add_images(
+        self, images: Iterable[ImageToAdd] | AsyncIterable[ImageToAdd], timeout: float | None = None
+    ) -> list[ItemOutcome]:
+        """Stream images in one call; one outcome per image, in order."""
+
+        async def requests() -> AsyncIterator[gateway_pb2.AddImagesRequest]:
+            if isinstance(images, AsyncIterable):
+                async for im in images:
+                    yield convert.add_request(im)
+            else:
+                for im in images:
+                    yield convert.add_request(im)
+
+        resp = await self._call(self.stub.AddImages, requests(), timeout or max(self.timeout, ADD_TIMEOUT))
+        return convert.add_outcomes(resp)
+
+    async def delete_images(self, ids: Sequence[str] | str) -> DeleteResults:
+        req = gateway_pb2.DeleteImagesRequest(ids=convert.ids(ids))
+        return convert.delete_results(await self._call(self.stub.DeleteImages, req))
+
+    async def get_images(self, ids: Sequence[str] | str) -> StoredImages:
+        req = gateway_pb2.GetImagesRequest(ids=convert.ids(ids))
+        return convert.stored_images(await self._call(self.stub.GetImages, req))
+
+    # ---- searches -------------------------------------------------------------------------------
+
+    async def search_text(self, query: str, k: int | None = None) -> SearchResults:
+        r = await self._call(self.stub.SearchByText, convert.search_text_request(query, k))
+        return convert.search_results(r.hits, r.meta)
+
+    async def search_image(self, image: ImageSource, k: int | None = None, space: str = "visual") -> SearchResults:
+        """Images like `image` (bytes, or a path to read)."""
+        r = await self._call(self.stub.SearchByImage, convert.search_image_request(image, k, space))
+        return convert.search_results(r.hits, r.meta)
+
+    async def similar(
+        self, image_id: str, k: int | None = None, space: str = "visual", include_self: bool = False
+    ) -> SearchResults:
+        r = await self._call(self.stub.SearchById, convert.similar_request(image_id, k, space, include_self))
+        return convert.search_results(r.hits, r.meta)
+
+    # ---- tags -----------------------------------------------------------------------------------
+
+    async def tag(self, image: ImageSource, k: int | None = None, which: str = "all") -> TagResults:
+        """Rank the live vocabulary against `image` (bytes, or a path to read)."""
+        return convert.tag_results(await self._call(self.stub.TagImage, convert.tag_request(image, k, which)))
+
+    async def add_tags(self, tags: Sequence[str] | str) -> list[ItemOutcome]:
+        r = await self._call(self.stub.AddTags, gateway_pb2.AddTagsRequest(tags=convert.ids(tags)))
+        return convert.tag_outcomes(r.results)
+
+    async def remove_tags(self, tags: Sequence[str] | str) -> list[ItemOutcome]:
+        r = await self._call(self.stub.RemoveTags, gateway_pb2.RemoveTagsRequest(tags=convert.ids(tags)))
+        return convert.tag_outcomes(r.results)
+
+    async def list_tags(self, which: str = "all", page_size: int = 1000) -> AsyncIterator[Tag]:
+        """Every tag of the vocabulary (or only seen/unseen ones), following pages."""
+        token = ""
+        while True:
+            r = await self._call(self.stub.ListTags, convert.list_tags_request(which, page_size, token))
+            for t in convert.tags(r):
+                yield t
+            token = r.next_page_token
+            if not token:
+                return
+
+    async def count_tags(self, which: str = "all") -> TagCount:
+        """Size of the vocabulary (or of its seen/unseen part), without listing it."""
+        r = await self._call(self.stub.ListTags, convert.list_tags_request(which, 1, ""))
+        return TagCount(which, r.total)
+
+    # ---- heads ----------------------------------------------------------------------------------
+
+    async def list_heads(self) -> list[HeadInfo]:
+        r = await self._call(self.stub.ListHeads, gateway_pb2.ListHeadsRequest())
+        return [convert.head(h) for h in r.heads]
+
+    async def head_status(self) -> HeadSwitchStatus:
+        """The head queries use, the one being built (if a switch is under way) and each shard's progress."""
+        r = await self._call(self.stub.ListHeads, gateway_pb2.ListHeadsRequest())
+        return convert.head_status(r.status)
+
+    async def activate_head(self, head: str, reproject: bool = True, timeout: float = ACTIVATE_TIMEOUT) -> HeadSwitch:
+        """Start switching heads: the gateway builds the new head's space in the background, then flips."""
+        r = await self._call(self.stub.ActivateHead, convert.activate_request(head, reproject), timeout)
+        return convert.head_switch(r)
