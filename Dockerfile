@@ -115,6 +115,8 @@ EXPOSE 50051 9101
 USER ${APP_UID}:${APP_UID}
 ENTRYPOINT ["python", "-m", "imgsearch.encoder"]
 
+# One image for the tagger writer and its read replicas (IMGSEARCH_TAGGER_ROLE=writer|reader); both load the
+# heads. Only the writer uses the data directory (a PersistentVolumeClaim in Kubernetes).
 FROM runtime AS tagger
 ARG APP_UID
 COPY heads/ /app/heads/
@@ -141,7 +143,10 @@ ENTRYPOINT ["python", "-m", "imgsearch.index"]
 
 FROM runtime AS gateway
 ARG APP_UID
-ENV IMGSEARCH_GATEWAY_HOST=0.0.0.0 \
+# The gateway projects images and query texts itself (imgsearch.heads): it needs the same heads as the tagger.
+COPY heads/ /app/heads/
+ENV IMGSEARCH_GATEWAY_HEADS_DIR=/app/heads \
+    IMGSEARCH_GATEWAY_HOST=0.0.0.0 \
     IMGSEARCH_GATEWAY_METRICS_HOST=0.0.0.0
 EXPOSE 50050 9100
 USER ${APP_UID}:${APP_UID}

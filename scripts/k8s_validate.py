@@ -8,11 +8,18 @@ Schemas: built-in kinds against the Kubernetes 1.32 OpenAPI schemas shipped by `
 Project rules: hardened pods, probes on the right ports, named ports, settings that exist in the services'
 settings classes and parse, INDEX_SHARDS matching the StatefulSet, budgets that do not block drains,
 autoscalers whose metrics the adapter serves, and the PrometheusRule equal to the promtool-tested rules.
+Request path: every *_ADDRESS names a Service port in the render, the NetworkPolicies let exactly the
+services that dial a port reach it, one single-replica Recreate tagger writer that no autoscaler targets,
+read replicas that follow it, the gateway's reads on the replicas and its edits on the writer.
+Internal security: token and TLS settings consistent between callers and callees, files on mounted volumes,
+TLS servers probed on their plaintext health port; in prod the token and mTLS on every service, and the
+query path (gateway, encoder, tagger read replicas) on >= 2 spread replicas with budgets that keep one.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib
 import json
@@ -38,7 +45,7 @@ KUBERNETES_VERSION = "1.32.0"
 # Every kustomization that renders on its own (components only render inside an overlay).
 TARGETS = ("base", "overlays/dev", "overlays/prod-gpu", "prometheus-adapter")
 # Secrets the operator creates before applying (docs/deploy.md); never committed.
-EXTERNAL_SECRETS = {"gateway-auth-tokens", "gateway-tls"}
+EXTERNAL_SECRETS = {"gateway-auth-tokens", "gateway-tls", "imgsearch-internal-token", "imgsearch-internal-tls"}
 SETTINGS_CLASSES = {
     "encoder": "imgsearch.encoder.settings:EncoderSettings",
     "tagger": "imgsearch.tagger.settings:TaggerSettings",
@@ -47,6 +54,13 @@ SETTINGS_CLASSES = {
 }
 PORT_NAMES = {"grpc", "metrics", "health"}
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"}
+# Workloads whose gRPC port is open to anyone (the public API); every other one only to its callers.
+PUBLIC_WORKLOADS = {"gateway"}
+# On the query path (searches, tagging): in production each needs >= 2 replicas, spread, and a budget.
+QUERY_PATH = ("gateway", "encoder", "tagger")
+# The Deployment that owns the tag vocabulary (IMGSEARCH_TAGGER_ROLE=writer, the default role).
+TAGGER_WRITER = "tagger-writer"
+OUTSIDE = "<outside the namespace>"
 
 Obj = dict[str, Any]
 
@@ -150,6 +164,27 @@ class Rendered:
     target: str
     objects: list[Obj]
     errors: list[str] = field(default_factory=list)
+    _env: dict[int, dict[str, str | None]] = field(default_factory=dict)
+
+    def env(self, container: Obj) -> dict[str, str | None]:
+        """container_env, computed (and its problems reported) once per container."""
+        key = id(container)
+        if key not in self._env:
+            self._env[key] = container_env(self, container)
+        return self._env[key]
+
+    def workloads(self) -> list[Obj]:
+        return [o for o in self.objects if o.get("kind") in WORKLOAD_KINDS]
+
+    def services(self) -> list[tuple[Obj, Obj, str, dict[str, str | None]]]:
+        """(workload, container, service, env) of every imgsearch container, the service named by its image."""
+        out = []
+        for w in self.workloads():
+            for c in pod_spec(w).get("containers", []):
+                service = service_of(c)
+                if service is not None:
+                    out.append((w, c, service, self.env(c)))
+        return out
 
     def of_kind(self, kind: str) -> list[Obj]:
         return [o for o in self.objects if o.get("kind") == kind]
@@ -225,6 +260,41 @@ def container_env(rendered: Rendered, container: Obj) -> dict[str, str | None]:
     return env
 
 
+def settings_class(service: str) -> Any:
+    """The pydantic settings class of a service (imported, so the check follows the code)."""
+    module_name, class_name = SETTINGS_CLASSES[service].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def check_mounted_files(
+    rendered: Rendered, workload: Obj, container: Obj, prefix: str, env: dict[str, str | None]
+) -> None:
+    """Every *_FILE setting (tokens, certificates, keys, CAs) names a file on a mounted Secret or ConfigMap."""
+    volumes = {v["name"]: v for v in pod_spec(workload).get("volumes", [])}
+    mounts = [(m["mountPath"].rstrip("/"), volumes.get(m["name"], {})) for m in container.get("volumeMounts", [])]
+    for var, value in env.items():
+        if not (var.startswith(prefix) and var.endswith("_FILE") and value):
+            continue
+        source = next(
+            (vol for path, vol in mounts if value.startswith(path + "/")),
+            None,
+        )
+        if source is None:
+            rendered.fail(workload, f"{var}={value} is on no volume mounted into container {container['name']}")
+        elif not {"secret", "configMap", "projected", "csi"} & set(source):
+            rendered.fail(workload, f"{var}={value} is on volume {source.get('name')}, not a Secret or ConfigMap")
+
+
+def mounted_secret(workload: Obj, container: Obj, path: str) -> str | None:
+    """Name of the Secret whose mount holds `path` in this container, if any."""
+    volumes = {v["name"]: v for v in pod_spec(workload).get("volumes", [])}
+    for m in container.get("volumeMounts", []):
+        if path.startswith(m["mountPath"].rstrip("/") + "/"):
+            secret = volumes.get(m["name"], {}).get("secret", {}).get("secretName")
+            return str(secret) if secret else None
+    return None
+
+
 def _is_path_field(annotation: Any) -> bool:
     """Settings naming files or directories: their existence is a property of the image, not of YAML."""
     return "Path" in str(annotation)
@@ -234,8 +304,8 @@ def check_settings(rendered: Rendered, workload: Obj, container: Obj, service: s
     """Every IMGSEARCH_ variable is a field of the service's settings class, and the values parse."""
     from pydantic import ValidationError
 
-    module_name, class_name = SETTINGS_CLASSES[service].split(":")
-    cls = getattr(importlib.import_module(module_name), class_name)
+    cls = settings_class(service)
+    class_name = cls.__name__
     prefix = f"IMGSEARCH_{service.upper()}_"
     fields: dict[str, Any] = cls.model_fields
     values: dict[str, Any] = {}
@@ -342,8 +412,31 @@ def check_container(rendered: Rendered, workload: Obj, container: Obj) -> None:
     if service is None:
         rendered.fail(workload, f"container {container['name']} runs {image!r}, not an imgsearch service image")
         return
-    env = container_env(rendered, container)
+    env = rendered.env(container)
     check_settings(rendered, workload, container, service, env)
+    prefix = f"IMGSEARCH_{service.upper()}_"
+
+    # Kubelet's gRPC probes cannot speak TLS: a TLS server needs its plaintext health port (probed above).
+    if env.get(prefix + "TLS_CERT_FILE") and not env.get(prefix + "HEALTH_PORT"):
+        rendered.fail(
+            workload,
+            f"{prefix}TLS_CERT_FILE turns TLS on, but {prefix}HEALTH_PORT is unset: kubelet's gRPC probes "
+            "cannot do TLS, so they need the plaintext health port",
+        )
+    check_mounted_files(rendered, workload, container, prefix, env)
+
+    # Start-up waits for peers up to STARTUP_TIMEOUT_SECONDS: the startup probe must not give up first.
+    startup = container.get("startupProbe")
+    fields = settings_class(service).model_fields
+    if startup and "startup_timeout_seconds" in fields:
+        raw = env.get(prefix + "STARTUP_TIMEOUT_SECONDS")
+        timeout = float(raw) if raw else float(fields["startup_timeout_seconds"].default)
+        if _duration_budget(startup) < timeout:
+            rendered.fail(
+                workload,
+                f"startupProbe gives up after {_duration_budget(startup):g}s, before {prefix}STARTUP_TIMEOUT_SECONDS "
+                f"{timeout:g}: the pod is restarted while it still waits for its peers",
+            )
 
     # Graceful termination: the drain fits in the grace period, and liveness never kills a draining pod.
     grace = float(env.get(f"IMGSEARCH_{service.upper()}_GRACE_SECONDS") or 10.0)
@@ -392,22 +485,296 @@ def hpa_for(rendered: Rendered, workload: Obj) -> Obj | None:
     return None
 
 
-def check_tagger(rendered: Rendered) -> None:
-    """Single writer: one replica, Recreate, a claim for its data, and no autoscaler above one pod."""
-    tagger = rendered.get("Deployment", "tagger")
-    if tagger is None:
-        rendered.fail("Deployment/tagger", "missing")
+# ---------------------------------------------------------------------------------------------------
+# The request path: who dials whom, derived from the settings
+
+
+def peer_addresses(service: str, env: dict[str, str | None]) -> list[tuple[str, str]]:
+    """(variable, host:port) of every peer a service dials: its *_ADDRESS settings and the gateway's shards."""
+    prefix = f"IMGSEARCH_{service.upper()}_"
+    out = [(var, str(v)) for var, v in env.items() if var.startswith(prefix) and var.endswith("_ADDRESS") and v]
+    shards = env.get(prefix + "INDEX_SHARDS")
+    if service == "gateway" and shards:
+        from imgsearch.gateway.settings import parse_shards
+
+        with contextlib.suppress(ValueError):  # check_settings reports a malformed list
+            out += [(prefix + "INDEX_SHARDS", address) for _, address in parse_shards(shards)]
+    return out
+
+
+def resolve(rendered: Rendered, address: str) -> tuple[Obj | None, list[Obj], str]:
+    """The Service an in-cluster address names (`svc:port`, `pod.svc:port`, `svc.ns.svc...`), the workloads
+    behind it, and a problem ("" when none)."""
+    address = re.sub(r"^dns:(///)?", "", address)
+    host, _, port = address.rpartition(":")
+    labels = host.split(".")
+    svc = rendered.get("Service", labels[0])
+    if svc is None and len(labels) > 1:
+        # A pod of a headless Service: <pod>.<service>.
+        svc = rendered.get("Service", labels[1])
+        if svc is not None and svc["spec"].get("clusterIP") != "None":
+            return svc, [], f"{host} names a pod of Service {labels[1]}, which is not headless"
+    if svc is None:
+        return None, [], f"{host} is not a Service in this deployment"
+    ports = {str(p["port"]) for p in svc["spec"]["ports"]}
+    grpc_ports = {str(p["port"]) for p in svc["spec"]["ports"] if p.get("name") == "grpc"}
+    if port not in ports:
+        return svc, [], f"port {port} is not a port of Service {svc['metadata']['name']} ({', '.join(sorted(ports))})"
+    if port not in grpc_ports:
+        return svc, [], f"port {port} of Service {svc['metadata']['name']} is not its grpc port"
+    targets = [w for w in rendered.workloads() if selects(svc["spec"].get("selector"), pod_labels(w))]
+    if not targets:
+        return svc, [], f"Service {svc['metadata']['name']} selects no workload"
+    return svc, targets, ""
+
+
+@dataclass(frozen=True)
+class Call:
+    """One caller workload dialing one callee workload through the setting `var`."""
+
+    caller: Obj
+    callee: Obj
+    var: str
+
+
+def calls(rendered: Rendered) -> list[Call]:
+    """Every call edge the services' settings create; unresolvable addresses are reported."""
+    edges: list[Call] = []
+    seen: set[tuple[str, str, str]] = set()
+    for w, _, service, env in rendered.services():
+        for var, address in peer_addresses(service, env):
+            _, targets, problem = resolve(rendered, address)
+            if problem:
+                key = (name_of(w), var, address)
+                if key not in seen:
+                    seen.add(key)
+                    rendered.fail(w, f"{var}={address}: {problem}")
+                continue
+            edges.extend(Call(w, t, var) for t in targets)
+    return edges
+
+
+def grpc_port(workload: Obj) -> tuple[str, int | None]:
+    for c in pod_spec(workload)["containers"]:
+        for p in c.get("ports", []):
+            if p.get("name") == "grpc":
+                return "grpc", p.get("containerPort")
+    return "grpc", None
+
+
+def ingress_sources(rendered: Rendered, workload: Obj) -> set[str]:
+    """Which workloads (by name, or OUTSIDE) the NetworkPolicies let reach this workload's gRPC port."""
+    labels = pod_labels(workload)
+    port_name, port_number = grpc_port(workload)
+    everyone = {OUTSIDE, *(w["metadata"]["name"] for w in rendered.workloads())}
+    policies = [
+        p
+        for p in rendered.of_kind("NetworkPolicy")
+        if selects(p["spec"].get("podSelector") or {"matchLabels": {}}, labels) or p["spec"].get("podSelector") == {}
+    ]
+    policies = [p for p in policies if "Ingress" in p["spec"].get("policyTypes", ["Ingress"])]
+    if not policies:
+        return everyone  # no policy isolates the pods: anything may connect
+    allowed: set[str] = set()
+    for policy in policies:
+        for rule in policy["spec"].get("ingress", []):
+            ports = rule.get("ports") or []
+            if ports and not any(p.get("port") in (port_name, port_number) for p in ports):
+                continue
+            peers = rule.get("from") or []
+            if not peers:
+                return everyone
+            for peer in peers:
+                if "ipBlock" in peer or "namespaceSelector" in peer:
+                    allowed.add(OUTSIDE)
+                elif "podSelector" in peer:
+                    allowed |= {
+                        w["metadata"]["name"]
+                        for w in rendered.workloads()
+                        if selects(peer["podSelector"] or {"matchLabels": {}}, pod_labels(w))
+                        or peer["podSelector"] == {}
+                    }
+    return allowed
+
+
+def check_network(rendered: Rendered, edges: list[Call]) -> None:
+    """Exactly the workloads that dial a gRPC port may reach it (the public gateway aside), no more, no fewer."""
+    if not rendered.of_kind("NetworkPolicy"):
         return
-    if tagger["spec"].get("replicas", 1) != 1:
-        rendered.fail(tagger, "the tagger is a single SQLite writer: replicas must be 1")
-    if tagger["spec"].get("strategy", {}).get("type") != "Recreate":
-        rendered.fail(tagger, "the tagger must roll out with strategy Recreate (never two writers)")
-    hpa = hpa_for(rendered, tagger)
-    if hpa is not None and hpa["spec"].get("maxReplicas", 1) > 1:
-        rendered.fail(hpa, "must not scale the single-writer tagger above one replica")
-    volumes = pod_spec(tagger).get("volumes", [])
-    if not any("persistentVolumeClaim" in v for v in volumes):
-        rendered.fail(tagger, "the vocabulary needs a PersistentVolumeClaim")
+    for w, _, _, _ in rendered.services():
+        name = w["metadata"]["name"]
+        callers = {e.caller["metadata"]["name"] for e in edges if e.callee is w}
+        allowed = ingress_sources(rendered, w)
+        for caller in sorted(callers - allowed):
+            rendered.fail(w, f"{caller} calls it, but no NetworkPolicy lets {caller} reach its grpc port")
+        if name in PUBLIC_WORKLOADS:
+            continue
+        extra = allowed - callers
+        if extra:
+            rendered.fail(
+                w,
+                f"NetworkPolicies let {', '.join(sorted(extra))} reach its grpc port, which never call it "
+                f"(callers: {', '.join(sorted(callers)) or 'none'})",
+            )
+
+
+def tagger_role(env: dict[str, str | None]) -> str:
+    return env.get("IMGSEARCH_TAGGER_ROLE") or "writer"  # the settings' default role
+
+
+def check_tagger(rendered: Rendered) -> None:
+    """One writer (1 replica, Recreate, a claim, no autoscaler); readers follow it; the gateway splits reads/edits."""
+    taggers = [(w, c, env) for w, c, service, env in rendered.services() if service == "tagger"]
+    writers = [(w, c, env) for w, c, env in taggers if tagger_role(env) == "writer"]
+    readers = [(w, c, env) for w, c, env in taggers if tagger_role(env) == "reader"]
+    if not writers:
+        rendered.fail(f"Deployment/{TAGGER_WRITER}", "missing: no tagger runs IMGSEARCH_TAGGER_ROLE=writer")
+        return
+    for w, _, _ in writers[1:]:
+        rendered.fail(w, f"a second tagger writer (IMGSEARCH_TAGGER_ROLE=writer; {name_of(writers[0][0])} is one)")
+    writer = writers[0][0]
+    if writer["metadata"]["name"] != TAGGER_WRITER:
+        rendered.fail(writer, f"the tagger writer must be Deployment/{TAGGER_WRITER} (readers set ROLE=reader)")
+    if writer["kind"] != "Deployment":
+        rendered.fail(writer, "the tagger writer must be a Deployment")
+    if writer["spec"].get("replicas", 1) != 1:
+        rendered.fail(writer, "the tagger writer is a single SQLite writer: replicas must be 1")
+    if writer["spec"].get("strategy", {}).get("type") != "Recreate":
+        rendered.fail(writer, "the tagger writer must roll out with strategy Recreate (never two writers)")
+    hpa = hpa_for(rendered, writer)
+    if hpa is not None:
+        rendered.fail(hpa, "targets the single tagger writer: it must never autoscale (scale the readers instead)")
+    if not any("persistentVolumeClaim" in v for v in pod_spec(writer).get("volumes", [])):
+        rendered.fail(writer, "the vocabulary needs a PersistentVolumeClaim")
+
+    for w, _, env in readers:
+        if any("persistentVolumeClaim" in v for v in pod_spec(w).get("volumes", [])):
+            rendered.fail(w, "a tagger read replica is stateless: it must not mount a PersistentVolumeClaim")
+        address = env.get("IMGSEARCH_TAGGER_WRITER_ADDRESS") or ""
+        _, targets, _ = resolve(rendered, address) if address else (None, [], "")
+        if [t["metadata"]["name"] for t in targets] != [writer["metadata"]["name"]]:
+            rendered.fail(w, f"IMGSEARCH_TAGGER_WRITER_ADDRESS={address!r} must name the writer's Service")
+
+    gateway = rendered.get("Deployment", "gateway")
+    if gateway is None:
+        return
+    genv = rendered.env(pod_spec(gateway)["containers"][0])
+    reads = genv.get("IMGSEARCH_GATEWAY_TAGGER_ADDRESS") or ""
+    edits = genv.get("IMGSEARCH_GATEWAY_TAGGER_WRITER_ADDRESS") or reads  # the settings' fallback
+    _, read_targets, _ = resolve(rendered, reads) if reads else (None, [], "")
+    _, edit_targets, _ = resolve(rendered, edits) if edits else (None, [], "")
+    reader_names = {w["metadata"]["name"] for w, _, _ in readers}
+    if readers and not ({t["metadata"]["name"] for t in read_targets} <= reader_names and read_targets):
+        rendered.fail(
+            gateway, f"IMGSEARCH_GATEWAY_TAGGER_ADDRESS={reads!r} must name the tagger read replicas' Service"
+        )
+    if [t["metadata"]["name"] for t in edit_targets] != [writer["metadata"]["name"]]:
+        rendered.fail(
+            gateway,
+            f"tag edits go to {edits!r}: IMGSEARCH_GATEWAY_TAGGER_WRITER_ADDRESS must name the writer's Service",
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Internal authentication and TLS
+
+
+def check_internal_security(rendered: Rendered, edges: list[Call]) -> None:
+    """Token and TLS settings agree between every caller and callee (else calls fail, or a service is open)."""
+    services = rendered.services()
+    token_sources: dict[str, list[str]] = {}
+    for w, c, service, env in services:
+        prefix = f"IMGSEARCH_{service.upper()}_"
+        path = env.get(prefix + "INTERNAL_TOKEN_FILE")
+        if path:
+            token_sources.setdefault(str(mounted_secret(w, c, path)), []).append(w["metadata"]["name"])
+    if token_sources:
+        with_token = {n for names in token_sources.values() for n in names}
+        for w, _, service, _ in services:
+            if w["metadata"]["name"] not in with_token:
+                rendered.fail(
+                    w,
+                    f"IMGSEARCH_{service.upper()}_INTERNAL_TOKEN_FILE is unset while other services use the internal "
+                    "token: it is open to any caller, or its calls are refused",
+                )
+        if len(token_sources) > 1:
+            listed = "; ".join(f"Secret {s}: {', '.join(sorted(n))}" for s, n in sorted(token_sources.items()))
+            rendered.fail("internal token", f"comes from different Secrets, so services reject each other ({listed})")
+
+    def env_of(w: Obj) -> tuple[str, dict[str, str | None]]:
+        c = pod_spec(w)["containers"][0]
+        service = service_of(c) or ""
+        return f"IMGSEARCH_{service.upper()}_", rendered.env(c)
+
+    seen: set[tuple[str, str]] = set()
+    for e in edges:
+        key = (e.caller["metadata"]["name"], e.callee["metadata"]["name"])
+        if key in seen:
+            continue
+        seen.add(key)
+        callee = key[1]
+        cp, cenv = env_of(e.caller)
+        sp, senv = env_of(e.callee)
+        serves_tls = bool(senv.get(sp + "TLS_CERT_FILE"))
+        dials_tls = bool(cenv.get(cp + "PEER_TLS_CA_FILE"))
+        if serves_tls and not dials_tls:
+            rendered.fail(e.caller, f"{callee} serves TLS but {cp}PEER_TLS_CA_FILE is unset: its calls to it fail")
+        if dials_tls and not serves_tls:
+            rendered.fail(e.caller, f"{cp}PEER_TLS_CA_FILE makes it dial {callee} with TLS, but {callee} is plaintext")
+        if senv.get(sp + "TLS_CLIENT_CA_FILE") and not cenv.get(cp + "PEER_TLS_CERT_FILE"):
+            rendered.fail(
+                e.caller, f"{callee} requires a client certificate (mTLS) but {cp}PEER_TLS_CERT_FILE is unset"
+            )
+
+
+def check_prod_security(rendered: Rendered, edges: list[Call]) -> None:
+    """Production: the internal token on every service, TLS on every server port, mTLS between the services."""
+    callers = {e.caller["metadata"]["name"] for e in edges}
+    for w, _, service, env in rendered.services():
+        prefix = f"IMGSEARCH_{service.upper()}_"
+        if not env.get(prefix + "INTERNAL_TOKEN_FILE"):
+            rendered.fail(w, f"{prefix}INTERNAL_TOKEN_FILE is unset: internal authentication is off in production")
+        if not env.get(prefix + "TLS_CERT_FILE"):
+            rendered.fail(w, f"{prefix}TLS_CERT_FILE is unset: its gRPC port serves plaintext in production")
+        if w["metadata"]["name"] not in PUBLIC_WORKLOADS and not env.get(prefix + "TLS_CLIENT_CA_FILE"):
+            rendered.fail(w, f"{prefix}TLS_CLIENT_CA_FILE is unset: internal servers require client certificates")
+        if w["metadata"]["name"] in callers:
+            for suffix in ("PEER_TLS_CA_FILE", "PEER_TLS_CERT_FILE", "PEER_TLS_KEY_FILE"):
+                if not env.get(prefix + suffix):
+                    rendered.fail(w, f"{prefix}{suffix} is unset: its calls to peers need mTLS in production")
+
+
+def check_query_path(rendered: Rendered) -> None:
+    """Production: every query-path workload has >= 2 replicas, a budget that keeps one, and anti-affinity."""
+    for name in QUERY_PATH:
+        w = rendered.get("Deployment", name)
+        if w is None:
+            rendered.fail(f"Deployment/{name}", "missing")
+            continue
+        hpa = hpa_for(rendered, w)
+        if hpa is None:
+            rendered.fail(w, "has no HorizontalPodAutoscaler in the production overlay")
+        replicas = int(hpa["spec"].get("minReplicas", 1)) if hpa else int(w["spec"].get("replicas", 1))
+        if replicas < 2:
+            what = f"{name_of(hpa)} minReplicas" if hpa else "replicas"
+            rendered.fail(w, f"is on the query path: {what} {replicas} < 2 (one pod's restart would stop queries)")
+        budgets = [
+            p for p in rendered.of_kind("PodDisruptionBudget") if selects(p["spec"].get("selector"), pod_labels(w))
+        ]
+        keeps = False
+        for pdb in budgets:
+            min_available, max_unavailable = pdb["spec"].get("minAvailable"), pdb["spec"].get("maxUnavailable")
+            keeps |= isinstance(min_available, int) and min_available >= 1
+            keeps |= isinstance(max_unavailable, int) and max_unavailable < replicas
+        if not keeps:
+            rendered.fail(w, "is on the query path: its PodDisruptionBudget must keep at least one pod available")
+        anti = pod_spec(w).get("affinity", {}).get("podAntiAffinity", {})
+        terms = [t.get("podAffinityTerm", t) for k in anti.values() for t in k]
+        if not any(
+            t.get("topologyKey") == "kubernetes.io/hostname" and selects(t.get("labelSelector"), pod_labels(w))
+            for t in terms
+        ):
+            rendered.fail(w, "is on the query path: needs pod anti-affinity on kubernetes.io/hostname for its own pods")
 
 
 def check_index(rendered: Rendered) -> None:
@@ -423,7 +790,7 @@ def check_index(rendered: Rendered) -> None:
         rendered.fail(sts, f"serviceName {sts['spec']['serviceName']} must be a headless Service")
     container = pod_spec(sts)["containers"][0]
     grpc_port = next((p["containerPort"] for p in container.get("ports", []) if p.get("name") == "grpc"), None)
-    env = container_env(rendered, container)
+    env = rendered.env(container)
     shard_var = env.get("IMGSEARCH_INDEX_SHARD", "")
     shard_from_pod = any(
         v["name"] == "IMGSEARCH_INDEX_SHARD"
@@ -440,7 +807,7 @@ def check_index(rendered: Rendered) -> None:
     if gateway is None:
         rendered.fail("Deployment/gateway", "missing")
         return
-    genv = container_env(rendered, pod_spec(gateway)["containers"][0])
+    genv = rendered.env(pod_spec(gateway)["containers"][0])
     spec = genv.get("IMGSEARCH_GATEWAY_INDEX_SHARDS") or ""
     from imgsearch.gateway.settings import parse_shards
 
@@ -587,21 +954,21 @@ def check_gpu_overlay(rendered: Rendered) -> None:
         rendered.fail(encoder, "needs a toleration for the nvidia.com/gpu taint")
     if not str(container["image"]).endswith("-gpu"):
         rendered.fail(encoder, f"image {container['image']} is not a -gpu image")
-    providers = container_env(rendered, container).get("IMGSEARCH_ENCODER_PROVIDERS") or ""
+    providers = rendered.env(container).get("IMGSEARCH_ENCODER_PROVIDERS") or ""
     if "CUDAExecutionProvider" not in providers:
         rendered.fail(encoder, "IMGSEARCH_ENCODER_PROVIDERS does not ask for CUDAExecutionProvider")
-    for name in ("encoder", "gateway"):
-        workload = rendered.get("Deployment", name)
-        if workload is not None and hpa_for(rendered, workload) is None:
-            rendered.fail(workload, "has no HorizontalPodAutoscaler in the production overlay")
 
 
 def check_target(target: str, objects: list[Obj]) -> Rendered:
     rendered = Rendered(target, objects)
     for obj in objects:
         rendered.errors.extend(schema_errors(obj))
+    edges: list[Call] = []
     if any(o["kind"] in WORKLOAD_KINDS for o in objects):
         check_workloads(rendered)
+        edges = calls(rendered)
+        check_network(rendered, edges)
+        check_internal_security(rendered, edges)
         check_tagger(rendered)
         check_index(rendered)
         check_services(rendered)
@@ -610,6 +977,8 @@ def check_target(target: str, objects: list[Obj]) -> Rendered:
         check_monitoring(rendered)
     if target == "overlays/prod-gpu":
         check_gpu_overlay(rendered)
+        check_prod_security(rendered, edges)
+        check_query_path(rendered)
     if target == "prometheus-adapter":
         cm = rendered.get("ConfigMap", "prometheus-adapter-imgsearch")
         if cm is None or yaml.safe_load(cm["data"]["config.yaml"]) != yaml.safe_load(ADAPTER_CONFIG.read_text()):

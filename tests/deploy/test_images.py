@@ -19,6 +19,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import yaml
 
 from tests.deploy.helpers import ROOT, load_module, require_binary
 
@@ -165,9 +166,15 @@ def test_every_service_has_a_hardened_target(stages: dict[str, Stage]) -> None:
     from imgsearch.encoder.settings import EncoderSettings
     from imgsearch.gateway.settings import GatewaySettings
     from imgsearch.index.settings import IndexSettings
+    from imgsearch.kit.settings import ServerSettings
     from imgsearch.tagger.settings import TaggerSettings
 
-    classes = {"encoder": EncoderSettings, "tagger": TaggerSettings, "index": IndexSettings, "gateway": GatewaySettings}
+    classes: dict[str, type[ServerSettings]] = {
+        "encoder": EncoderSettings,
+        "tagger": TaggerSettings,
+        "index": IndexSettings,
+        "gateway": GatewaySettings,
+    }
     assert stages["runtime"].base == "runtime-${VARIANT}"
     assert {"runtime-cpu", "runtime-gpu", "models", "wheel"} <= set(stages)
     assert "nvidia/cuda" in DOCKERFILE.read_text().split("ARG CUDA_IMAGE=", 1)[1].splitlines()[0]
@@ -215,9 +222,22 @@ def test_copied_paths_exist_and_are_in_the_context(stages: dict[str, Stage], ign
 
 
 def test_tagger_image_has_trained_heads() -> None:
-    """The tagger stage copies heads/ (IMGSEARCH_TAGGER_HEADS_DIR=/app/heads): without it the build fails."""
+    """The tagger and gateway stages copy heads/ (HEADS_DIR=/app/heads): without it the build fails."""
     heads = ROOT / "heads"
-    assert sorted(heads.glob("*.npz")), "the tagger image ships trained heads: commit heads/*.npz (make train)"
+    assert sorted(heads.glob("*.npz")), "the tagger and gateway images ship trained heads: commit heads/*.npz"
+
+
+@pytest.mark.parametrize("service", ["tagger", "gateway"])
+def test_heads_are_in_the_images_that_project(stages: dict[str, Stage], service: str) -> None:
+    """The gateway (projection in process) and the taggers load heads: the image holds them where HEADS_DIR says,
+    and the Kubernetes ConfigMap points at the same directory."""
+    stage = stages[service]
+    assert "heads/ /app/heads/" in stage.all("COPY"), f"the {service} image must contain heads/"
+    var = f"IMGSEARCH_{service.upper()}_HEADS_DIR"
+    assert f"{var}=/app/heads" in " ".join(stage.all("ENV"))
+    config = yaml.safe_load_all((ROOT / "deploy" / "k8s" / "base" / f"{service}.yaml").read_text())
+    data = next(d for d in config if d and d["kind"] == "ConfigMap")["data"]
+    assert data[var] == "/app/heads"
 
 
 def test_minilm_pin_matches_the_makefile() -> None:
@@ -255,6 +275,9 @@ def test_wheel_from_the_build_context_holds_every_service(
         assert f"imgsearch/{service}/settings.py" in names
     for needed in (
         "imgsearch/kit/auth.py",
+        # The projection heads library the gateway and the taggers load.
+        "imgsearch/heads/catalog.py",
+        "imgsearch/heads/model.py",
         "imgsearch/kit/tls.py",
         "imgsearch/models/manifest.py",
         "imgsearch/api/common/v1/common_pb2.py",
