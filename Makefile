@@ -9,6 +9,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 MODEL_DIR ?= models
 STATE_DIR ?= var/stack
+# Ports of the local stack: gateway PORT_BASE, encoder +1, tagger +2, shards +11..; Prometheus from METRICS_BASE.
+PORT_BASE ?= 50050
+METRICS_BASE ?= 9100
 BUF_VERSION := 1.75.0
 REQS := $(wildcard requirements/*.txt)
 INSTALL_STAMP := $(VENV)/.installed
@@ -42,16 +45,16 @@ $(PROTO_STAMP): $(PROTOS) scripts/gen_protos.py $(INSTALL_STAMP)
 
 protos: $(PROTO_STAMP)  ## generate Python stubs from protos/
 
-$(MODEL_STAMP): $(INSTALL_STAMP) $(PROTO_STAMP) src/imgsearch/models/export.py
+$(MODEL_STAMP): $(INSTALL_STAMP) $(PROTO_STAMP) src/imgsearch/models/export.py src/imgsearch/models/quantize.py
 	$(PY) -m imgsearch.models.export --model-dir $(MODEL_DIR)
 
-models: $(MODEL_STAMP)  ## export EfficientNet-Lite0 and MiniLM to ONNX (cached)
+models: $(MODEL_STAMP)  ## export EfficientNet-Lite0 and MiniLM to ONNX, plus the static int8 image model (cached)
 
 run: $(MODEL_STAMP)  ## start the whole stack in the foreground (Ctrl-C stops it)
-	$(PY) -m imgsearch.devstack run --state-dir $(STATE_DIR)
+	$(PY) -m imgsearch.devstack run --state-dir $(STATE_DIR) --port-base $(PORT_BASE) --metrics-base $(METRICS_BASE)
 
 up: $(MODEL_STAMP)  ## start the stack detached; returns when every service is SERVING
-	$(PY) -m imgsearch.devstack up --state-dir $(STATE_DIR)
+	$(PY) -m imgsearch.devstack up --state-dir $(STATE_DIR) --port-base $(PORT_BASE) --metrics-base $(METRICS_BASE)
 
 down:  ## stop a stack started with `make up`
 	@if [ -x $(PY) ]; then $(PY) -m imgsearch.devstack down --state-dir $(STATE_DIR); fi

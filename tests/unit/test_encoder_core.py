@@ -192,7 +192,9 @@ async def test_empty_requests_return_empty_results(encoder: Encoder) -> None:
 def test_info_describes_the_served_models(encoder: Encoder, model_dir: Path) -> None:
     info = encoder.info()
     manifest = ModelManifest.load(model_dir)
-    assert info.image_model_version == manifest.image_version
+    # The served variant's version: int8 (auto on CPU once its gate passed) names itself after the fp32 one.
+    assert info.image_model_version == manifest.serving(encoder.image_model.variant).image_version
+    assert info.image_model_version.startswith(manifest.image_version)
     assert info.text_model_version == manifest.text_version
     assert (info.image_size, info.feature_dim, info.text_dim) == (224, 1280, 384)
     assert len(info.class_labels) == 1000

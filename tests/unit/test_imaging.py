@@ -393,3 +393,19 @@ def test_damaged_files_fail_alone_with_image_decode_error(fmt: str) -> None:
             outcomes.add("decoded")
     # Damage of this kind must actually be caught sometimes, or the loop tested nothing.
     assert outcomes - {"decoded"}, outcomes
+
+
+def test_big_jpegs_decode_through_a_draft_at_the_target_size(cat_image: Image.Image) -> None:
+    """A 12 MP JPEG is DCT-scaled to the smallest size whose shorter side is >= 224 (here 1/8: 500x375),
+    and the result stays within a grey level (mean) of a full-resolution decode."""
+    big = encode(cat_image.resize((4000, 3000), Image.Resampling.BICUBIC), "JPEG", quality=90)
+    img = Image.open(io.BytesIO(big))
+    img.draft("RGB", (SIZE, SIZE))
+    assert min(img.size) >= SIZE and img.size == (500, 375)
+    decoded = decode_image(big, SIZE, LIMITS)
+    assert (decoded.width, decoded.height) == (4000, 3000)
+    full = Image.open(io.BytesIO(big)).convert("RGB")
+    reference = np.asarray(
+        full.resize((SIZE, SIZE), Image.Resampling.BICUBIC, box=(500.0, 0.0, 3500.0, 3000.0)), dtype=np.float32
+    )
+    assert np.abs(decoded.pixels.astype(np.float32) - reference).mean() <= 1.0

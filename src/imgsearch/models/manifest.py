@@ -5,8 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any, Literal
+
+ImageVariant = Literal["fp32", "int8"]
 
 MANIFEST_NAME = "manifest.json"
 TEXT_MODEL_NAME = "all-MiniLM-L6-v2"
@@ -64,6 +67,41 @@ def file_sha256(path: Path) -> str:
 
 
 @dataclass(frozen=True)
+class QualityGate:
+    """The int8 model's quality gate (imgsearch.training.int8_gate): its numbers and whether it passed."""
+
+    passed: bool
+    int8_sha256: str  # the int8 file the numbers were measured on: a re-quantised model must pass again
+    metrics: dict[str, float] = field(default_factory=dict)
+    thresholds: dict[str, float] = field(default_factory=dict)
+    command: str = ""
+    measured_at: str = ""
+
+
+@dataclass(frozen=True)
+class Int8Model:
+    """The static int8 (QDQ) quantisation of the exported fp32 image model, and how it was made."""
+
+    file: str
+    sha256: str
+    fp32_sha256: str  # the fp32 export it was quantised from
+    calibration: str
+    method: dict[str, Any] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+    gate: QualityGate | None = None
+
+    @property
+    def gate_passed(self) -> bool:
+        """True only when the gate ran on exactly this file and passed."""
+        return self.gate is not None and self.gate.passed and self.gate.int8_sha256 == self.sha256
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Int8Model:
+        gate = raw.get("gate")
+        return cls(**{**raw, "gate": QualityGate(**gate) if isinstance(gate, dict) else None})
+
+
+@dataclass(frozen=True)
 class ModelManifest:
     """What was exported, from which package versions, with file checksums."""
 
@@ -82,11 +120,37 @@ class ModelManifest:
     labels_file: str
     opset: int
     sources: dict[str, str] = field(default_factory=dict)
+    image_int8: Int8Model | None = None
+    # Which image model this manifest view serves; the file on disk always describes the fp32 export.
+    image_variant: ImageVariant = "fp32"
 
     @property
     def image_version(self) -> str:
-        """Short content hash: identifies the exact image model a vector came from."""
+        """Short content hash: identifies the exact image model a vector came from.
+
+        fp32: `efficientnet-lite0@<fp32 sha>`. int8: `efficientnet-lite0@<fp32 sha>+int8.<int8 sha>`, so the
+        part before `@` (what heads are checked against) stays the model name, and the fp32 export it was
+        quantised from stays visible.
+        """
+        if self.image_variant == "int8" and self.image_int8 is not None:
+            return f"{self.image_model}@{self.image_int8.fp32_sha256[:12]}+int8.{self.image_sha256[:8]}"
         return f"{self.image_model}@{self.image_sha256[:12]}"
+
+    def serving(self, variant: ImageVariant) -> ModelManifest:
+        """This manifest as seen by a server of `variant`: image_file and image_sha256 are that model's."""
+        if variant == "fp32":
+            return self
+        if self.image_int8 is None:
+            raise FileNotFoundError("no int8 image model in the manifest: run `make models`")
+        return replace(self, image_file=self.image_int8.file, image_sha256=self.image_int8.sha256, image_variant="int8")
+
+    def int8_intact(self, model_dir: Path) -> bool:
+        """The int8 file exists, matches its checksum, and was quantised from this fp32 export."""
+        q = self.image_int8
+        if q is None or q.fp32_sha256 != self.image_sha256:
+            return False
+        path = model_dir / q.file
+        return path.exists() and file_sha256(path) == q.sha256
 
     @property
     def text_version(self) -> str:
@@ -99,14 +163,30 @@ class ModelManifest:
                 return False
         return (model_dir / self.tokenizer_file).exists() and (model_dir / self.labels_file).exists()
 
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        del out["image_variant"]
+        if out["image_int8"] is None:
+            del out["image_int8"]
+        return out
+
     def save(self, model_dir: Path) -> None:
+        if self.image_variant != "fp32":
+            raise ValueError("save the export's manifest, not a serving view of it")
         tmp = model_dir / (MANIFEST_NAME + ".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
         tmp.replace(model_dir / MANIFEST_NAME)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ModelManifest:
+        raw = {k: v for k, v in raw.items() if k != "image_variant"}
+        int8 = raw.get("image_int8")
+        raw["image_int8"] = Int8Model.from_dict(int8) if isinstance(int8, dict) else None
+        return cls(**raw)
 
     @classmethod
     def load(cls, model_dir: Path) -> ModelManifest:
         path = model_dir / MANIFEST_NAME
         if not path.exists():
             raise FileNotFoundError(f"no {MANIFEST_NAME} in {model_dir}: run `make models` first")
-        return cls(**json.loads(path.read_text()))
+        return cls.from_dict(json.loads(path.read_text()))

@@ -13,7 +13,7 @@ import numpy.typing as npt
 
 from imgsearch.kit.errors import FailedPrecondition
 from imgsearch.models.imaging import DecodedImage, ImageLimits, decode_image
-from imgsearch.models.manifest import ModelManifest
+from imgsearch.models.manifest import ImageVariant, ModelManifest
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -30,6 +30,8 @@ CPU: Final = "CPUExecutionProvider"
 DEFAULT_PROVIDERS: Final = (TENSORRT, CUDA, CPU)
 
 GraphOptimization = Literal["disabled", "basic", "extended", "all"]
+ImagePrecision = Literal["auto", "fp32", "int8"]
+GPU_PROVIDERS: Final = frozenset({"TensorrtExecutionProvider", "CUDAExecutionProvider"})
 ExecutionMode = Literal["sequential", "parallel"]
 _GRAPH_LEVELS: Final = {
     "disabled": "ORT_DISABLE_ALL",
@@ -215,6 +217,52 @@ def normalise(pixels: Pixels) -> Matrix:
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
+@dataclass(frozen=True)
+class VariantChoice:
+    """Which image model to serve, and why (logged at start)."""
+
+    variant: ImageVariant
+    reason: str
+
+
+def choose_image_variant(
+    precision: ImagePrecision, manifest: ModelManifest, on_gpu: bool, int8_intact: bool
+) -> VariantChoice:
+    """Pure: the image model variant a server runs.
+
+    fp32: always fp32. int8: the int8 model even if its gate failed or the session is on a GPU (refused
+    only if it is missing). auto: int8 on CPU when the int8 model is intact and its quality gate passed on
+    exactly that file; fp32 on GPU (int8 QDQ gains nothing there) and whenever the gate has not passed.
+    """
+    q = manifest.image_int8
+    if precision == "fp32":
+        return VariantChoice("fp32", "fp32 set by configuration")
+    if precision == "int8":
+        if q is None or not int8_intact:
+            raise FailedPrecondition(
+                "image precision int8 is configured but the int8 image model is missing or does not match "
+                "manifest.json; run `make models` (or set the precision to auto or fp32)"
+            )
+        return VariantChoice(
+            "int8", "int8 set by configuration" + ("" if q.gate_passed else "; its gate has not passed")
+        )
+    if on_gpu:
+        return VariantChoice("fp32", "auto: fp32 on GPU")
+    if q is None:
+        return VariantChoice("fp32", "auto: no int8 image model exported")
+    if not int8_intact:
+        return VariantChoice("fp32", "auto: int8 image model missing or not from this export")
+    if not q.gate_passed:
+        why = "not run on this file" if q.gate is None or q.gate.int8_sha256 != q.sha256 else "failed"
+        return VariantChoice("fp32", f"auto: int8 quality gate {why}")
+    return VariantChoice("int8", "auto: int8 on CPU, quality gate passed")
+
+
+def plan_on_gpu(plan: SessionPlan) -> bool:
+    """Whether a session of this plan would run on a GPU provider (if the GPU is really there)."""
+    return any(p in GPU_PROVIDERS for p in plan.providers.providers)
+
+
 def load_tokenizer(path: Path, max_tokens: int) -> Tokenizer:
     """The MiniLM tokenizer, truncating at `max_tokens` and padding each batch to its longest text."""
     from tokenizers import Tokenizer
@@ -248,6 +296,14 @@ class ImageModel:
     @property
     def version(self) -> str:
         return self.manifest.image_version
+
+    @property
+    def variant(self) -> ImageVariant:
+        return self.manifest.image_variant
+
+    @property
+    def on_gpu(self) -> bool:
+        return any(p in GPU_PROVIDERS for p in self.providers)
 
     @property
     def providers(self) -> tuple[str, ...]:

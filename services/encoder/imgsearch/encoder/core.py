@@ -20,7 +20,15 @@ from imgsearch.encoder.settings import EncoderSettings
 from imgsearch.kit.errors import FailedPrecondition, ImgsearchError, InvalidArgument, ResourceExhausted
 from imgsearch.models.imaging import DecodedImage, ImageDecodeError, ImageLimits
 from imgsearch.models.manifest import ModelInfo, ModelManifest
-from imgsearch.models.runtime import ImageModel, TextModel, default_plan
+from imgsearch.models.runtime import (
+    ImageModel,
+    SessionPlan,
+    TextModel,
+    VariantChoice,
+    choose_image_variant,
+    default_plan,
+    plan_on_gpu,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +74,18 @@ class Encoder:
         # One plan for both models: the same providers and session options, logged once.
         self.plan = default_plan(settings.runtime_options())
         self.limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
-        self.image_model = ImageModel(model_dir, manifest=m, plan=self.plan, limits=self.limits)
+        self.image_model, self.variant_choice = self._open_image_model(model_dir, m, self.plan)
+        # The served view: image_file, image_sha256 and image_version are those of the variant in use.
+        self.manifest = self.image_model.manifest
         self.text_model = TextModel(model_dir, manifest=m, plan=self.plan)
         self.tokenizer = self.text_model.tokenizer
         self.providers: tuple[str, ...] = self.image_model.providers
         log.info(
             "execution providers in use",
             extra={
+                "image_variant": self.image_model.variant,
+                "image_variant_reason": self.variant_choice.reason,
+                "image_model": self.image_model.version,
                 "providers": list(self.providers),
                 "text_providers": list(self.text_model.providers),
                 "skipped_providers": list(self.plan.providers.skipped),
@@ -95,6 +108,23 @@ class Encoder:
         self.text_batcher: MicroBatcher[str, Vector] = MicroBatcher(
             "text", self.infer_texts, settings.max_batch, wait_s, settings.max_queue_items
         )
+
+    def _open_image_model(
+        self, model_dir: Path, m: ModelManifest, plan: SessionPlan
+    ) -> tuple[ImageModel, VariantChoice]:
+        """The image model of the configured precision (see runtime.choose_image_variant)."""
+        precision = self.settings.image_precision
+        intact = m.int8_intact(model_dir)
+        choice = choose_image_variant(precision, m, plan_on_gpu(plan), intact)
+        model = ImageModel(model_dir, manifest=m.serving(choice.variant), plan=plan, limits=self.limits)
+        if precision == "auto" and choice.variant == "fp32" and plan_on_gpu(plan) and not model.on_gpu:
+            # A GPU build of onnxruntime on a machine without a usable GPU falls back to CPU: decide again.
+            choice = choose_image_variant(precision, m, False, intact)
+            if choice.variant == "int8":
+                model = ImageModel(model_dir, manifest=m.serving("int8"), plan=plan, limits=self.limits)
+        if choice.variant == "int8" and precision == "int8" and not (m.image_int8 and m.image_int8.gate_passed):
+            log.warning("serving the int8 image model although its quality gate has not passed")
+        return model, choice
 
     # Model calls block for the length of an inference: the batchers run them in their worker threads.
 

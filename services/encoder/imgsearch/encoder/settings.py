@@ -10,7 +10,7 @@ from pydantic_settings import NoDecode, SettingsConfigDict
 
 from imgsearch.kit.settings import ServerSettings
 from imgsearch.models.manifest import MANIFEST_NAME, default_model_dir
-from imgsearch.models.runtime import DEFAULT_PROVIDERS, GraphOptimization, RuntimeOptions
+from imgsearch.models.runtime import DEFAULT_PROVIDERS, GraphOptimization, ImagePrecision, RuntimeOptions
 
 # Pillow refuses to open anything above twice its MAX_IMAGE_PIXELS (89,478,485) before we can
 # look at it, so a larger configured limit would be a promise the decoder cannot keep.
@@ -43,6 +43,10 @@ class EncoderSettings(ServerSettings):
     device_id: int = Field(0, ge=0, le=1023, description="GPU the CUDA and TensorRT providers run on")
     trt_cache_dir: Path | None = Field(
         None, description="TensorRT engine and timing cache directory (unset: engines are rebuilt at every start)"
+    )
+    image_precision: ImagePrecision = Field(
+        "auto",
+        description="image model: auto (int8 on CPU when its quality gate passed, else fp32), fp32 or int8",
     )
     max_batch: int = Field(32, ge=1, le=1024, description="most items one model call takes")
     max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="how long a batch waits to fill up")
