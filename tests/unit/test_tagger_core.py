@@ -1,4 +1,4 @@
-"""Tagger core on the real exported models: ConSE ranking, live vocabulary, durability, heads."""
+"""Tagger core on the real exported models: ranking under a requested head, live vocabulary, durability."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from imgsearch.encoder.core import Encoder, ImageEncoding, ImageItem
 from imgsearch.encoder.settings import EncoderSettings
 from imgsearch.heads import ConSEHead, l2_normalise, save_head
 from imgsearch.kit.convert import Matrix
-from imgsearch.kit.errors import FailedPrecondition, ImgsearchError, InvalidArgument, NotFound, ResourceExhausted
+from imgsearch.kit.errors import ImgsearchError, InvalidArgument, NotFound, ResourceExhausted
 from imgsearch.models.manifest import ModelInfo
-from imgsearch.tagger.core import Tagger, starter_vocabulary
+from imgsearch.tagger.core import VocabularyWriter, starter_vocabulary
 from imgsearch.tagger.settings import TaggerSettings
 
 
@@ -56,19 +56,19 @@ def settings(tmp: Path, **kw: object) -> TaggerSettings:
 async def seeded(tmp_path_factory: pytest.TempPathFactory, source: InProcessEncoder) -> Path:
     """A vocabulary database seeded once; embedding ~1200 starter tags per test would dominate the run."""
     root = tmp_path_factory.mktemp("seeded")
-    t = Tagger(settings(root), source)
+    t = VocabularyWriter(settings(root), source)
     await t.start()
-    t.close()
+    await t.close()
     return root / "tagger"
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def tagger(tmp_path: Path, source: InProcessEncoder, seeded: Path) -> AsyncIterator[Tagger]:
+async def tagger(tmp_path: Path, source: InProcessEncoder, seeded: Path) -> AsyncIterator[VocabularyWriter]:
     shutil.copytree(seeded, tmp_path / "tagger")
-    t = Tagger(settings(tmp_path), source)
+    t = VocabularyWriter(settings(tmp_path), source)
     await t.start()
     yield t
-    t.close()
+    await t.close()
 
 
 def names(ranked: Sequence[object]) -> list[str]:
@@ -76,73 +76,88 @@ def names(ranked: Sequence[object]) -> list[str]:
 
 
 async def test_conse_ranks_cat_and_an_unseen_tag_without_restart(
-    tagger: Tagger, source: InProcessEncoder, sample_photos: dict[str, bytes]
+    tagger: VocabularyWriter, source: InProcessEncoder, sample_photos: dict[str, bytes]
 ) -> None:
     features, logits = await source.image(sample_photos["cat"])
-    ranked, head, size = tagger.rank(features, logits, 10, "all")
-    assert head == "conse@1"
-    assert "cat" in names(ranked[:3]), names(ranked)
-    assert "feline" not in names(ranked)
-    [change] = await tagger.add_tags(["feline"])
+    r = tagger.rank(features, logits, 10, "all")
+    assert r.head == "conse@1"
+    assert "cat" in names(r.tags[:3]), names(r.tags)
+    assert "feline" not in names(r.tags)
+    changes = await tagger.add_tags(["feline"])
+    [change] = changes.results
     assert change.changed and change.error is None
-    ranked, _, size_after = tagger.rank(features, logits, 5, "all")
-    assert size_after == size + 1
-    assert "feline" in names(ranked), names(ranked)
-    feline = next(r for r in ranked if r.tag == "feline")
+    assert changes.version == r.vocabulary_version + 1
+    after = tagger.rank(features, logits, 5, "all")
+    assert after.vocabulary_size == r.vocabulary_size + 1 and after.vocabulary_version == changes.version
+    assert "feline" in names(after.tags), names(after.tags)
+    feline = next(t for t in after.tags if t.tag == "feline")
     assert feline.seen is False
-    unseen, _, _ = tagger.rank(features, logits, 3, "unseen")
-    assert names(unseen) == ["feline"]
+    unseen = tagger.rank(features, logits, 3, "unseen")
+    assert names(unseen.tags) == ["feline"]
 
 
 async def test_ranking_matches_a_per_tag_loop(
-    tagger: Tagger, source: InProcessEncoder, sample_photos: dict[str, bytes]
+    tagger: VocabularyWriter, source: InProcessEncoder, sample_photos: dict[str, bytes]
 ) -> None:
     features, logits = await source.image(sample_photos["coffee"])
-    ranked, _, _ = tagger.rank(features, logits, 20, "all")
-    state = tagger.state
-    direction = state.head.tag_direction(features[None, :], logits[None, :])[0]
-    # Ground truth computed tag by tag, independently of the vectorised ranking.
-    scores = [float(np.dot(state.projected[i], direction) + state.bias[i]) for i in range(state.size)]
-    expected = [state.names[i] for i in np.argsort(scores)[::-1][:20]]
+    ranked = tagger.rank(features, logits, 20, "all").tags
+    vocab = tagger.vocabulary
+    head = tagger.default_head
+    direction = head.tag_direction(features[None, :], logits[None, :])[0]
+    # Ground truth computed tag by tag from the raw embeddings, independently of the cached projection.
+    scores = []
+    for i in range(vocab.size):
+        projected = head.project_texts(vocab.raw[i : i + 1])
+        scores.append(float(projected[0] @ direction + head.tag_bias(projected)[0]))
+    expected = [vocab.names[i] for i in np.argsort(scores)[::-1][:20]]
     assert names(ranked) == expected
     assert [r.score for r in ranked] == pytest.approx(sorted(scores, reverse=True)[:20], abs=1e-5)
     assert "espresso" in names(ranked[:3])
 
 
-async def test_vocabulary_is_durable_and_seeded_once(tmp_path: Path, source: InProcessEncoder) -> None:
-    t = Tagger(settings(tmp_path), source)
+async def test_vocabulary_and_its_version_are_durable_and_seeded_once(tmp_path: Path, source: InProcessEncoder) -> None:
+    t = VocabularyWriter(settings(tmp_path), source)
     await t.start()
-    starter = t.state.size
+    starter = t.vocabulary.size
     info = await source.model_info(1)
     assert starter == len(starter_vocabulary(info.class_labels))
-    await t.add_tags(["beach party", "Crowd of fans"])
-    await t.remove_tags(["tabby cat"])
-    t.close()
+    assert t.vocabulary.version == 1, "seeding is the first version"
+    added = await t.add_tags(["beach party", "Crowd of fans"])
+    removed = await t.remove_tags(["tabby cat"])
+    assert (added.version, removed.version) == (2, 3)
+    unchanged = await t.add_tags(["beach party"])
+    assert unchanged.version == 3, "a call that changes nothing does not bump the version"
+    await t.close()
 
     calls = source.text_calls
-    again = Tagger(settings(tmp_path), source)
+    again = VocabularyWriter(settings(tmp_path), source)
     await again.start()
     try:
         assert source.text_calls == calls, "a restart must reuse stored embeddings, not re-embed"
-        keys = set(again.state.keys)
+        assert again.vocabulary.version == 3, "the version survives a restart"
+        keys = set(again.vocabulary.keys)
         assert {"beach party", "crowd of fans"} <= keys
         assert "tabby cat" not in keys, "a removed starter tag must stay removed after a restart"
-        assert again.state.size == starter + 2 - 1
-        listed, _, _ = again.list_tags("unseen", 100, "")
-        assert sorted(t.name for t in listed) == ["Crowd of fans", "beach party"]
+        assert again.vocabulary.size == starter + 2 - 1
+        listed = again.list_tags("unseen", 100, "")
+        assert sorted(t.name for t in listed.tags) == ["Crowd of fans", "beach party"]
+        assert listed.vocabulary_version == 3
+        assert (await again.add_tags(["kite surfing lessons"])).version == 4
     finally:
-        again.close()
+        await again.close()
 
 
-async def test_bad_tags_fail_alone(tagger: Tagger) -> None:
-    results = await tagger.add_tags(["  ", "x" * 101, "cat", "new\x00tag", "  sailing   boat ", "Sailing Boat"])
+async def test_bad_tags_fail_alone(tagger: VocabularyWriter) -> None:
+    results = (
+        await tagger.add_tags(["  ", "x" * 101, "cat", "new\x00tag", "  sailing   boat ", "Sailing Boat"])
+    ).results
     assert isinstance(results[0].error, InvalidArgument)
     assert isinstance(results[1].error, InvalidArgument) and "limit is 100" in results[1].error.message
     assert results[2].error is None and not results[2].changed  # already a starter tag
     assert isinstance(results[3].error, InvalidArgument)
     assert results[4].tag == "sailing boat" and results[4].changed
     assert results[5].error is None and not results[5].changed  # same tag, other case
-    removed = await tagger.remove_tags(["sailing boat", "no such tag"])
+    removed = (await tagger.remove_tags(["sailing boat", "no such tag"])).results
     assert removed[0].changed
     assert isinstance(removed[1].error, NotFound)
     with pytest.raises(InvalidArgument):
@@ -151,35 +166,45 @@ async def test_bad_tags_fail_alone(tagger: Tagger) -> None:
         await tagger.add_tags(["t"] * 1001)
 
 
-async def test_top_k_limits(tagger: Tagger, source: InProcessEncoder, sample_photos: dict[str, bytes]) -> None:
+async def test_top_k_may_cover_the_whole_vocabulary(
+    tagger: VocabularyWriter, source: InProcessEncoder, sample_photos: dict[str, bytes]
+) -> None:
     features, logits = await source.image(sample_photos["rocket"])
-    for k in (0, 1001):
-        with pytest.raises(InvalidArgument, match="top_k must be between 1 and 1000"):
-            tagger.rank(features, logits, k, "all")
+    with pytest.raises(InvalidArgument, match="top_k must be at least 1"):
+        tagger.rank(features, logits, 0, "all")
+    size = tagger.vocabulary.size
+    assert size > 1000
+    everything = tagger.rank(features, logits, size, "all")
+    assert len(everything.tags) == size
+    assert len({t.tag for t in everything.tags}) == size
+    assert len(tagger.rank(features, logits, 10 * size, "all").tags) == size
     with pytest.raises(InvalidArgument, match="features"):
         tagger.rank(features[:10], logits, 5, "all")
 
 
-async def test_list_tags_pages_cover_everything_once(tagger: Tagger) -> None:
+async def test_list_tags_pages_cover_everything_once(tagger: VocabularyWriter) -> None:
     seen: list[str] = []
     token = ""
     while True:
-        page, token, total = tagger.list_tags("all", 97, token)
-        seen.extend(t.name.casefold() for t in page)
+        page = tagger.list_tags("all", 97, token)
+        seen.extend(t.name.casefold() for t in page.tags)
+        token = page.next_page_token
         if not token:
             break
-    assert len(seen) == total == tagger.state.size
+    assert len(seen) == page.total == tagger.vocabulary.size
     assert len(set(seen)) == len(seen)
     with pytest.raises(InvalidArgument):
         tagger.list_tags("all", 10, "%%%not-a-token")
 
 
-def _write_linear_head(path: Path, image_model: str, rng: np.random.Generator, conse_weight: float = 0.0) -> Matrix:
+def _write_linear_head(
+    path: Path, image_model: str, rng: np.random.Generator, conse_weight: float = 0.0, name: str = "testlinear"
+) -> Matrix:
     w = rng.standard_normal((1280, 384)).astype(np.float32) * 0.05
     save_head(
         path,
         {
-            "name": "testlinear",
+            "name": name,
             "version": "7",
             "kind": "linear",
             "image_model": image_model,
@@ -196,37 +221,47 @@ def _write_linear_head(path: Path, image_model: str, rng: np.random.Generator, c
     return w
 
 
-async def test_heads_switch_at_run_time(
-    tagger: Tagger, source: InProcessEncoder, sample_photos: dict[str, bytes], tmp_path: Path
+async def test_ranks_under_the_requested_head(
+    tmp_path: Path, seeded: Path, source: InProcessEncoder, sample_photos: dict[str, bytes]
 ) -> None:
-    rng = np.random.default_rng(3)
     info = await source.model_info(1)
-    path = tmp_path / "testlinear.npz"
-    w = _write_linear_head(path, info.image_model_version, rng)
-    features, _logits = await source.image(sample_photos["astronaut"])
-    before = tagger.state
-    head, previous = await tagger.activate_head(str(path))
-    assert previous == "conse@1" and f"{head.name}@{head.version}" == "testlinear@7"
-    vec, hid = tagger.project_images(features[None, :], None)
-    assert hid == "testlinear@7"
-    expected = l2_normalise((l2_normalise(features[None, :]) @ w).astype(np.float32))
-    np.testing.assert_allclose(vec, expected, atol=1e-5)
-    # A request that took its snapshot before the switch still ranks on the old head.
-    assert before.head_id == "conse@1"
-    heads, active = tagger.list_heads()
-    assert active == "testlinear@7" and {"conse@1", "testlinear@7"} <= {f"{h.name}@{h.version}" for h in heads}
-    await tagger.activate_head("conse")
-    assert tagger.state.head_id == "conse@1"
-
-
-async def test_head_of_another_encoder_is_refused(tagger: Tagger, tmp_path: Path) -> None:
-    path = tmp_path / "other.npz"
-    _write_linear_head(path, "efficientnet-lite2@0123456789ab", np.random.default_rng(0))
-    with pytest.raises(FailedPrecondition, match="trained on"):
-        await tagger.activate_head(str(path))
-    with pytest.raises(NotFound):
-        await tagger.activate_head("no-such-head")
-    assert tagger.state.head_id == "conse@1"
+    w = _write_linear_head(tmp_path / "heads" / "mine.npz", info.image_model_version, np.random.default_rng(3))
+    # Trained on another image model: skipped at load, so it cannot be requested.
+    _write_linear_head(
+        tmp_path / "heads" / "other.npz", "efficientnet-lite2@0123456789ab", np.random.default_rng(0), name="other"
+    )
+    shutil.copytree(seeded, tmp_path / "tagger")
+    t = VocabularyWriter(settings(tmp_path), source)
+    await t.start()
+    try:
+        features, logits = await source.image(sample_photos["astronaut"])
+        default = t.rank(features, logits, 10, "all")
+        assert default.head == "conse@1", "no heads/default.npz: the default falls back to ConSE"
+        for spec in ("testlinear@7", "testlinear", "mine"):
+            r = t.rank(features, logits, 10, "all", head=spec)
+            assert r.head == "testlinear@7"
+        # By hand: a linear head without text layers scores l2(tag) . l2(l2(features) @ w).
+        direction = l2_normalise((l2_normalise(features[None, :]) @ w).astype(np.float32))[0]
+        vocab = t.vocabulary
+        scores = l2_normalise(vocab.raw) @ direction
+        expected = [vocab.names[i] for i in np.argsort(-scores)[:10]]
+        assert names(r.tags) == expected
+        assert set(vocab.views) == {"conse@1", "testlinear@7"}, "one cached projection per head used"
+        # Both cached projections follow an add without being rebuilt from scratch.
+        version = (await t.add_tags(["moon walk"])).version
+        assert set(t.vocabulary.views) == {"conse@1", "testlinear@7"}
+        r = t.rank(features, logits, t.vocabulary.size, "unseen", head="testlinear")
+        assert names(r.tags) == ["moon walk"] and r.vocabulary_version == version
+        fresh = l2_normalise(t.vocabulary.raw[-1:]) @ direction
+        assert r.tags[0].score == pytest.approx(float(fresh[0]), abs=1e-5)
+        with pytest.raises(NotFound, match="available: conse@1, testlinear@7"):
+            t.rank(features, logits, 5, "all", head="other")
+        with pytest.raises(InvalidArgument, match="file path"):
+            t.rank(features, logits, 5, "all", head=str(tmp_path / "heads" / "mine.npz"))
+        heads, default_id = t.list_heads()
+        assert default_id == "conse@1" and [f"{h.name}@{h.version}" for h in heads] == ["conse@1", "testlinear@7"]
+    finally:
+        await t.close()
 
 
 def test_conse_is_a_convex_combination() -> None:

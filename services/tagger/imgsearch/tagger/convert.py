@@ -10,8 +10,12 @@ from imgsearch.api.common.v1 import common_pb2
 from imgsearch.api.tagger.v1 import tagger_pb2
 from imgsearch.heads import Head
 from imgsearch.kit.convert import Matrix, from_vector, item_error, to_vector
-from imgsearch.kit.errors import InvalidArgument
-from imgsearch.tagger.core import RankedTag, TagChange, TagInfo
+from imgsearch.kit.errors import FailedPrecondition, InvalidArgument
+from imgsearch.tagger.core import RankedTag, TagChange, TagInfo, VocabUpdate
+from imgsearch.tagger.store import StoredTag
+
+# Embeddings travel as packed little-endian float32, whatever the byte order of either end.
+_WIRE_FLOAT = np.dtype("<f4")
 
 
 def signals(images: Sequence[tagger_pb2.ImageSignal]) -> tuple[Matrix, Matrix | None]:
@@ -64,4 +68,47 @@ def head(h: Head, active: str) -> tagger_pb2.Head:
         active=hid == active,
         metrics=h.metrics,
         image_model=h.image_model,
+    )
+
+
+def vocab_update_message(u: VocabUpdate) -> tagger_pb2.VocabularyUpdate:
+    return tagger_pb2.VocabularyUpdate(
+        version=u.version,
+        reset=u.reset,
+        complete=u.complete,
+        added=[
+            tagger_pb2.VocabularyTag(
+                key=t.key,
+                name=t.name,
+                seen=t.seen,
+                added_unix_ms=t.added_ms,
+                embedding=np.asarray(t.embedding, dtype=_WIRE_FLOAT).tobytes(),
+            )
+            for t in u.added
+        ],
+        removed=list(u.removed),
+        text_model=u.text_model,
+        dim=u.dim,
+    )
+
+
+def vocab_update(m: tagger_pb2.VocabularyUpdate) -> VocabUpdate:
+    """A stream message as a domain update; refuses embeddings that do not have `dim` values."""
+    added = []
+    for t in m.added:
+        if len(t.embedding) != 4 * m.dim:
+            raise FailedPrecondition(
+                f"vocabulary update {m.version}: tag {t.name!r} has {len(t.embedding)} embedding bytes, "
+                f"expected {4 * m.dim}"
+            )
+        emb = np.frombuffer(t.embedding, dtype=_WIRE_FLOAT).astype(np.float32)
+        added.append(StoredTag(t.key, t.name, t.seen, t.added_unix_ms, m.text_model, emb))
+    return VocabUpdate(
+        version=m.version,
+        text_model=m.text_model,
+        dim=m.dim,
+        added=added,
+        removed=list(m.removed),
+        reset=m.reset,
+        complete=m.complete,
     )

@@ -1,4 +1,4 @@
-"""Tagger core: the active projection head and the live tag vocabulary, ranked by one matrix product."""
+"""Tagger core: the live tag vocabulary (owned by one writer, followed by read replicas) and tag ranking."""
 
 from __future__ import annotations
 
@@ -6,18 +6,17 @@ import asyncio
 import base64
 import logging
 import re
+import threading
 import time
 import unicodedata
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import AsyncGenerator, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from importlib import resources
-from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from imgsearch.heads import ConSEHead, Head, load_head
+from imgsearch.heads import Head, HeadCatalog, TextSource, head_id, wait_for_model_info
 from imgsearch.kit.convert import Matrix
 from imgsearch.kit.errors import (
     FailedPrecondition,
@@ -25,6 +24,7 @@ from imgsearch.kit.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    Unavailable,
 )
 from imgsearch.models.manifest import ModelInfo
 from imgsearch.tagger import metrics
@@ -34,18 +34,15 @@ from imgsearch.tagger.store import StoredTag, VocabularyStore, now_ms, tag_key
 log = logging.getLogger(__name__)
 
 _SPACES = re.compile(r"\s+")
-
-
-class TextSource(Protocol):
-    """What the tagger needs from the encoder."""
-
-    async def model_info(self, timeout: float) -> ModelInfo: ...
-
-    async def encode_texts(self, texts: Sequence[str], timeout: float) -> list[Matrix | ImgsearchError]: ...
-
-
-def head_id(head: Head) -> str:
-    return f"{head.name}@{head.version}"
+# Tags per snapshot message of WatchVocabulary: about 3.4 MB at 384 dims, far below the message limit.
+SNAPSHOT_CHUNK = 2048
+# Changes a watcher may have queued; one that falls further behind is dropped and reconnects for a snapshot.
+WATCH_QUEUE = 1024
+# An idle change feed sends a heartbeat this often: well inside keepalive and ping-abuse limits.
+WATCH_HEARTBEAT_SECONDS = 15.0
+# EncodeTexts calls one AddTags keeps in flight: enough to overlap, few enough not to crowd out others.
+EMBED_CONCURRENCY = 4
+READ_REPLICA = "this tagger is a read replica; vocabulary changes go to the writer"
 
 
 def clean_tag(raw: str, max_chars: int) -> str:
@@ -70,26 +67,130 @@ def starter_vocabulary(class_labels: Sequence[str]) -> list[str]:
     return list(seen.values())
 
 
+# ---- snapshots ------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
-class VocabState:
-    """An immutable snapshot: requests hold one for their whole duration, writers swap in a new one."""
+class HeadView:
+    """The vocabulary as one head sees it: projected tag embeddings and per-tag score corrections."""
 
     head: Head
+    projected: Matrix
+    bias: Matrix
+
+
+def project(head: Head, raw: Matrix) -> HeadView:
+    projected = head.project_texts(raw) if raw.shape[0] else raw
+    return HeadView(head=head, projected=projected, bias=head.tag_bias(projected))
+
+
+@dataclass(frozen=True, eq=False)
+class Vocabulary:
+    """An immutable snapshot: requests hold one for their whole duration, writers swap in a new one.
+
+    `views` caches, per head id, the projection of exactly these rows. It is filled lazily, the first time
+    a head ranks this snapshot, and carried over incrementally into the next snapshot, so a projection can
+    never mix rows of two vocabulary versions.
+    """
+
+    version: int
+    text_model: str
+    dim: int
     keys: list[str]
     names: list[str]
     seen: npt.NDArray[np.bool_]
     added_ms: npt.NDArray[np.int64]
     raw: Matrix
-    projected: Matrix
-    bias: Matrix
-
-    @property
-    def head_id(self) -> str:
-        return head_id(self.head)
+    views: dict[str, HeadView] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
         return len(self.keys)
+
+    def tags(self) -> Iterator[StoredTag]:
+        for i, key in enumerate(self.keys):
+            yield StoredTag(key, self.names[i], bool(self.seen[i]), int(self.added_ms[i]), self.text_model, self.raw[i])
+
+
+def build_vocabulary(tags: Sequence[StoredTag], version: int, text_model: str, dim: int) -> Vocabulary:
+    raw = np.stack([t.embedding for t in tags]).astype(np.float32) if tags else np.zeros((0, dim), dtype=np.float32)
+    return Vocabulary(
+        version=version,
+        text_model=text_model,
+        dim=dim,
+        keys=[t.key for t in tags],
+        names=[t.name for t in tags],
+        seen=np.array([t.seen for t in tags], dtype=bool),
+        added_ms=np.array([t.added_ms for t in tags], dtype=np.int64),
+        raw=raw,
+    )
+
+
+@dataclass(frozen=True)
+class VocabUpdate:
+    """One message of the writer's vocabulary stream: part of a full snapshot, or one change."""
+
+    version: int
+    text_model: str
+    dim: int
+    added: Sequence[StoredTag] = ()
+    removed: Sequence[str] = ()
+    # First part of a snapshot: the receiver drops what it holds.
+    reset: bool = False
+    # The receiver now holds the writer's vocabulary at `version` (last snapshot part; every change).
+    complete: bool = True
+
+
+def snapshot_updates(vocab: Vocabulary) -> Iterator[VocabUpdate]:
+    """A snapshot as stream messages of at most SNAPSHOT_CHUNK tags each."""
+    tags = list(vocab.tags())
+    starts = range(0, max(len(tags), 1), SNAPSHOT_CHUNK)
+    for n, start in enumerate(starts):
+        yield VocabUpdate(
+            version=vocab.version,
+            text_model=vocab.text_model,
+            dim=vocab.dim,
+            added=tags[start : start + SNAPSHOT_CHUNK],
+            reset=n == 0,
+            complete=n == len(starts) - 1,
+        )
+
+
+def apply_change(vocab: Vocabulary, update: VocabUpdate, views: dict[str, HeadView]) -> Vocabulary:
+    """The next snapshot: rows removed, then rows appended; `views` (of `vocab`) are updated incrementally.
+
+    Appending projects only the new rows, so an add costs O(new tags), not O(vocabulary), per cached head.
+    """
+    gone = set(update.removed)
+    keep = np.array([i for i, k in enumerate(vocab.keys) if k not in gone], dtype=np.int64)
+    added = list(update.added)
+    raw_new = (
+        np.stack([t.embedding for t in added]).astype(np.float32)
+        if added
+        else np.zeros((0, vocab.dim), dtype=np.float32)
+    )
+    next_views: dict[str, HeadView] = {}
+    for hid, view in views.items():
+        fresh = project(view.head, raw_new)
+        next_views[hid] = HeadView(
+            head=view.head,
+            projected=np.concatenate([view.projected[keep], fresh.projected]),
+            bias=np.concatenate([view.bias[keep], fresh.bias]),
+        )
+    return Vocabulary(
+        version=update.version,
+        text_model=vocab.text_model,
+        dim=vocab.dim,
+        keys=[*(vocab.keys[i] for i in keep), *(t.key for t in added)],
+        names=[*(vocab.names[i] for i in keep), *(t.name for t in added)],
+        seen=np.concatenate([vocab.seen[keep], np.array([t.seen for t in added], dtype=bool)]),
+        added_ms=np.concatenate([vocab.added_ms[keep], np.array([t.added_ms for t in added], dtype=np.int64)]),
+        raw=np.concatenate([vocab.raw[keep], raw_new]),
+        views=next_views,
+    )
+
+
+# ---- results --------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -97,6 +198,14 @@ class RankedTag:
     tag: str
     score: float
     seen: bool
+
+
+@dataclass(frozen=True)
+class Ranking:
+    tags: list[RankedTag]
+    head: str
+    vocabulary_size: int
+    vocabulary_version: int
 
 
 @dataclass(frozen=True)
@@ -109,89 +218,279 @@ class TagChange:
 
 
 @dataclass(frozen=True)
+class TagChanges:
+    """Outcome of an add or remove: one result per requested tag, and the vocabulary version after it."""
+
+    results: list[TagChange]
+    version: int
+
+
+@dataclass(frozen=True)
 class TagInfo:
     name: str
     seen: bool
     added_ms: int
 
 
-def _build_state(head: Head, tags: Sequence[StoredTag], text_dim: int) -> VocabState:
-    raw = (
-        np.stack([t.embedding for t in tags]).astype(np.float32) if tags else np.zeros((0, text_dim), dtype=np.float32)
-    )
-    projected = head.project_texts(raw) if tags else raw
-    return VocabState(
-        head=head,
-        keys=[t.key for t in tags],
-        names=[t.name for t in tags],
-        seen=np.array([t.seen for t in tags], dtype=bool),
-        added_ms=np.array([t.added_ms for t in tags], dtype=np.int64),
-        raw=raw,
-        projected=projected,
-        bias=head.tag_bias(projected),
-    )
+@dataclass(frozen=True)
+class TagPage:
+    tags: list[TagInfo]
+    next_page_token: str
+    total: int
+    vocabulary_version: int
+
+
+# ---- the core -------------------------------------------------------------------------------------
 
 
 class Tagger:
-    """Projection heads + live vocabulary. Reads are lock-free on a snapshot; writes are serialised."""
+    """Ranking over the live vocabulary, under any head of the catalog; reads are lock-free on a snapshot.
+
+    The base class only reads: VocabularyWriter owns and changes the vocabulary, ReadReplica follows one.
+    """
+
+    role = "base"
 
     def __init__(self, settings: TaggerSettings, source: TextSource) -> None:
         self.settings = settings
         self.source = source
-        self.store = VocabularyStore(settings.data_dir / "vocabulary.sqlite3")
-        self.heads: dict[str, Head] = {}
-        self.info: ModelInfo | None = None
-        self.conse: ConSEHead | None = None
-        self._state: VocabState | None = None
-        self._write = asyncio.Lock()
-        # File stems as aliases, so DEFAULT_HEAD=default finds heads/default.npz.
-        self._aliases: dict[str, str] = {}
+        self._catalog: HeadCatalog | None = None
+        self._default: Head | None = None
+        self._vocab: Vocabulary | None = None
+        self._changed = asyncio.Event()
+        # Only building a head's view takes it (rank runs in worker threads); reads of a built view do not.
+        self._views_lock = threading.Lock()
 
-    # ---- start-up -------------------------------------------------------------------------------
+    # ---- state --------------------------------------------------------------------------------------
+
+    @property
+    def vocabulary(self) -> Vocabulary:
+        if self._vocab is None:
+            # UNAVAILABLE, not FAILED_PRECONDITION: clients' retry policies retry it, another replica may answer.
+            raise Unavailable("the tagger is still starting; retry shortly")
+        return self._vocab
+
+    @property
+    def catalog(self) -> HeadCatalog:
+        if self._catalog is None:
+            raise Unavailable("the tagger is still starting; retry shortly")
+        return self._catalog
+
+    @property
+    def default_head(self) -> Head:
+        if self._default is None:
+            raise Unavailable("the tagger is still starting; retry shortly")
+        return self._default
+
+    def _set_catalog(self, catalog: HeadCatalog) -> None:
+        self._catalog = catalog
+        self._default = catalog.default(self.settings.default_head)
+        for head in catalog.all():
+            metrics.HEAD_INFO.labels(head_id(head), head.kind).set(1 if head is self._default else 0)
+
+    def _publish(self, vocab: Vocabulary) -> None:
+        """Swap in a new snapshot and wake requests waiting for a version."""
+        self._vocab = vocab
+        self._changed.set()
+        self._changed = asyncio.Event()
+        seen = int(vocab.seen.sum())
+        metrics.VOCABULARY_SIZE.labels("seen").set(seen)
+        metrics.VOCABULARY_SIZE.labels("unseen").set(vocab.size - seen)
+        metrics.VOCABULARY_VERSION.set(vocab.version)
+
+    def _views_of(self, vocab: Vocabulary) -> dict[str, HeadView]:
+        with self._views_lock:
+            return dict(vocab.views)
+
+    def _warm(self, vocab: Vocabulary) -> Vocabulary:
+        """Project a fresh snapshot for the default head up front, so the first RankTags does not pay for it."""
+        self.view(vocab, self.default_head)
+        return vocab
+
+    # ---- reads --------------------------------------------------------------------------------------
+
+    async def wait_for_version(self, version: int) -> Vocabulary:
+        """The current snapshot once it has `version`, or after version_wait_seconds, whichever is first."""
+        vocab = self.vocabulary
+        if version <= vocab.version:
+            return vocab
+        deadline = time.monotonic() + self.settings.version_wait_seconds
+        while vocab.version < version:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                break
+            vocab = self.vocabulary
+        return self.vocabulary
+
+    def head(self, spec: str) -> Head:
+        """The head a request names (id or name), or the default head when it names none."""
+        return self.default_head if not spec.strip() else self.catalog.resolve(spec)
+
+    def view(self, vocab: Vocabulary, head: Head) -> HeadView:
+        """The snapshot projected by a head, built on first use; at most max_cached_heads are kept."""
+        hid = head_id(head)
+        view = vocab.views.get(hid)
+        if view is not None:
+            return view
+        with self._views_lock:
+            view = vocab.views.get(hid)
+            if view is None:
+                view = project(head, vocab.raw)
+                while len(vocab.views) >= self.settings.max_cached_heads:
+                    vocab.views.pop(next(iter(vocab.views)))
+                vocab.views[hid] = view
+        return view
+
+    def rank(
+        self,
+        features: Matrix,
+        logits: Matrix | None,
+        top_k: int,
+        which: str,
+        head: str = "",
+        vocab: Vocabulary | None = None,
+    ) -> Ranking:
+        """Top-k tags for one image under a head: one matrix-vector product over the whole vocabulary."""
+        start = time.perf_counter()
+        vocab = self.vocabulary if vocab is None else vocab
+        chosen = self.head(head)
+        if top_k < 1:
+            raise InvalidArgument(f"top_k must be at least 1 (at most the vocabulary's size counts), got {top_k}")
+        lg = None if logits is None else logits[None, :]
+        self.catalog.check_signals(chosen, features[None, :], lg)
+        view = self.view(vocab, chosen)
+        direction = chosen.tag_direction(features[None, :], lg)[0]
+        scores = view.projected @ direction + view.bias
+        if which == "seen":
+            scores = np.where(vocab.seen, scores, -np.inf)
+        elif which == "unseen":
+            scores = np.where(vocab.seen, -np.inf, scores)
+        k = min(top_k, int(np.isfinite(scores).sum()))
+        ranked: list[RankedTag] = []
+        if k > 0:
+            top = np.argpartition(-scores, k - 1)[:k]
+            top = top[np.argsort(-scores[top], kind="stable")]
+            ranked = [RankedTag(vocab.names[i], float(scores[i]), bool(vocab.seen[i])) for i in top]
+        metrics.RANK_SECONDS.observe(time.perf_counter() - start)
+        return Ranking(ranked, head_id(chosen), vocab.size, vocab.version)
+
+    def list_tags(self, which: str, page_size: int, page_token: str, vocab: Vocabulary | None = None) -> TagPage:
+        vocab = self.vocabulary if vocab is None else vocab
+        if page_size == 0:
+            page_size = 100
+        if page_size > 1000:
+            raise InvalidArgument(f"page_size must be at most 1000, got {page_size}")
+        after = ""
+        if page_token:
+            try:
+                after = base64.urlsafe_b64decode(page_token.encode()).decode("utf-8")
+            except (ValueError, UnicodeDecodeError):
+                raise InvalidArgument("page_token is not one this server issued") from None
+        mask = np.ones(vocab.size, dtype=bool)
+        if which == "seen":
+            mask = vocab.seen
+        elif which == "unseen":
+            mask = ~vocab.seen
+        # Added tags are appended to the snapshot, so its order is not the key order.
+        order = sorted((i for i in range(vocab.size) if mask[i]), key=lambda i: vocab.keys[i])
+        total = len(order)
+        start = 0
+        if after:
+            start = next((n for n, i in enumerate(order) if vocab.keys[i] > after), total)
+        page = order[start : start + page_size]
+        token = ""
+        if start + page_size < total and page:
+            token = base64.urlsafe_b64encode(vocab.keys[page[-1]].encode("utf-8")).decode()
+        infos = [TagInfo(vocab.names[i], bool(vocab.seen[i]), int(vocab.added_ms[i])) for i in page]
+        return TagPage(infos, token, total, vocab.version)
+
+    def list_heads(self) -> tuple[list[Head], str]:
+        """Every head this tagger can rank under, and its default one."""
+        return self.catalog.all(), head_id(self.default_head)
+
+    # ---- writes (the writer overrides these) ------------------------------------------------------
+
+    async def add_tags(self, raw_tags: Sequence[str]) -> TagChanges:
+        raise FailedPrecondition(READ_REPLICA)
+
+    async def remove_tags(self, raw_tags: Sequence[str]) -> TagChanges:
+        raise FailedPrecondition(READ_REPLICA)
+
+    def watch(self) -> AsyncGenerator[VocabUpdate, None]:
+        raise FailedPrecondition("this tagger is a read replica; watch the writer's vocabulary instead")
 
     async def start(self) -> None:
-        """Wait for the encoder, embed class names and the starter vocabulary (cached), load heads."""
-        info = await self._wait_for_encoder()
-        self.info = info
-        class_emb = await self._embed_cached(info.class_labels)
-        self.conse = ConSEHead(
-            class_embeddings=class_emb,
-            top_t=self.settings.conse_top_t,
-            anchor_penalty=self.settings.anchor_penalty,
-            image_model=info.image_model_version,
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        return None
+
+
+@dataclass(eq=False)  # identity: watchers live in a set
+class _Watcher:
+    queue: asyncio.Queue[VocabUpdate] = field(default_factory=lambda: asyncio.Queue(WATCH_QUEUE))
+    overflowed: bool = False
+
+
+class VocabularyWriter(Tagger):
+    """The one tagger that owns the durable vocabulary (SQLite): adds, removes, the version, the change feed.
+
+    Every change is committed together with the incremented version before it is acknowledged or
+    published, so the version a caller gets back names a state that survives a crash, and versions never
+    go back across restarts of the same data directory.
+    """
+
+    role = "writer"
+
+    def __init__(self, settings: TaggerSettings, source: TextSource) -> None:
+        super().__init__(settings, source)
+        self.store = VocabularyStore(settings.data_dir / "vocabulary.sqlite3")
+        self._write = asyncio.Lock()
+        self._watchers: set[_Watcher] = set()
+
+    # ---- start-up -----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Wait for the encoder, embed class names and the starter vocabulary (cached), load the heads."""
+        s = self.settings
+        info = await wait_for_model_info(self.source, s.peer_timeout_seconds, s.startup_timeout_seconds)
+        class_emb = await self._embed_cached(info, info.class_labels)
+        catalog = await asyncio.to_thread(
+            HeadCatalog.load,
+            info,
+            class_emb,
+            s.heads_dir,
+            conse_top_t=s.conse_top_t,
+            anchor_penalty=s.anchor_penalty,
         )
-        self.heads = {head_id(self.conse): self.conse}
-        self._load_head_dir()
+        self._set_catalog(catalog)
         await self._seed_and_refresh(info)
-        head = self._pick_default()
-        self._state = await asyncio.to_thread(_build_state, head, self.store.load(), info.text_dim)
-        self._publish_metrics()
+        stored = await asyncio.to_thread(self.store.load)
+        vocab = build_vocabulary(stored, self.store.version(), info.text_model_version, info.text_dim)
+        self._publish(await asyncio.to_thread(self._warm, vocab))
         log.info(
             "tagger ready",
-            extra={"head": self._state.head_id, "vocabulary": self._state.size, "heads": sorted(self.heads)},
+            extra={
+                "role": self.role,
+                "default_head": head_id(self.default_head),
+                "vocabulary": vocab.size,
+                "version": vocab.version,
+                "heads": [head_id(h) for h in catalog.all()],
+            },
         )
 
-    async def _wait_for_encoder(self) -> ModelInfo:
-        deadline = time.monotonic() + self.settings.startup_timeout_seconds
-        delay = 0.2
-        while True:
-            try:
-                return await self.source.model_info(timeout=self.settings.peer_timeout_seconds)
-            except ImgsearchError as exc:
-                if time.monotonic() > deadline:
-                    raise
-                log.info("waiting for the encoder", extra={"reason": exc.message})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-
-    async def _embed_cached(self, texts: Sequence[str]) -> Matrix:
+    async def _embed_cached(self, info: ModelInfo, texts: Sequence[str]) -> Matrix:
         """Embeddings of texts that must all succeed, reusing those cached for this text model."""
-        assert self.info is not None
-        model = self.info.text_model_version
+        model = info.text_model_version
         cached = await asyncio.to_thread(self.store.cached_embeddings, model, texts)
         missing = [t for t in dict.fromkeys(texts) if t not in cached]
-        for start in range(0, len(missing), 128):
-            chunk = missing[start : start + 128]
+        size = self.settings.encode_batch_size
+        for start in range(0, len(missing), size):
+            chunk = missing[start : start + size]
             results = await self.source.encode_texts(chunk, timeout=self.settings.peer_timeout_seconds * 6)
             fresh: dict[str, Matrix] = {}
             for text, res in zip(chunk, results, strict=True):
@@ -206,168 +505,67 @@ class Tagger:
         """First start: store the starter vocabulary. Later starts: re-embed tags of an old text model."""
         if self.store.get_meta("seeded") is None:
             names = starter_vocabulary(info.class_labels)
-            emb = await self._embed_cached(names)
+            emb = await self._embed_cached(info, names)
             ts = now_ms()
-            self.store.put(
-                [
-                    StoredTag(tag_key(n), n, True, ts, info.text_model_version, e)
-                    for n, e in zip(names, emb, strict=True)
-                ]
-            )
+            tags = [
+                StoredTag(tag_key(n), n, True, ts, info.text_model_version, e) for n, e in zip(names, emb, strict=True)
+            ]
+            await asyncio.to_thread(self.store.put, tags, self.store.version() + 1)
             # Seed once: a starter tag an operator removed must stay removed after a restart.
             self.store.set_meta("seeded", str(ts))
             log.info("seeded starter vocabulary", extra={"tags": len(names)})
         stale = [t for t in self.store.load() if t.text_model != info.text_model_version]
         if stale:
-            emb = await self._embed_cached([t.name for t in stale])
-            self.store.put(
-                [replace(t, embedding=e, text_model=info.text_model_version) for t, e in zip(stale, emb, strict=True)]
-            )
+            emb = await self._embed_cached(info, [t.name for t in stale])
+            fresh = [
+                replace(t, embedding=e, text_model=info.text_model_version) for t, e in zip(stale, emb, strict=True)
+            ]
+            await asyncio.to_thread(self.store.put, fresh, self.store.version() + 1)
             log.info("re-embedded tags for a new text model", extra={"tags": len(stale)})
 
-    def _load_head_dir(self) -> None:
-        heads_dir = self.settings.heads_dir
-        if not heads_dir.is_dir():
-            log.info("no heads directory; serving ConSE only", extra={"heads_dir": str(heads_dir)})
-            return
-        for path in sorted(heads_dir.glob("*.npz")):
-            try:
-                head = self._load_file(path)
-            except ImgsearchError as exc:
-                log.warning("skipping head file", extra={"path": str(path), "reason": exc.message})
-                continue
-            self.heads[head_id(head)] = head
-            self._aliases[path.stem] = head_id(head)
-
-    def _load_file(self, path: Path) -> Head:
-        assert self.info is not None
-        return load_head(
-            path,
-            image_model=self.info.image_model_version,
-            feature_dim=self.info.feature_dim,
-            text_dim=self.info.text_dim,
-            conse=self.conse,
-        )
-
-    def _pick_default(self) -> Head:
-        try:
-            return self._resolve(self.settings.default_head)
-        except ImgsearchError as exc:
-            assert self.conse is not None
-            log.warning("default head unavailable, serving ConSE", extra={"reason": exc.message})
-            return self.conse
-
-    def _resolve(self, spec: str) -> Head:
-        """A head by id (name@version), file alias, or name (the newest loaded version)."""
-        if spec in self.heads:
-            return self.heads[spec]
-        if spec in self._aliases:
-            return self.heads[self._aliases[spec]]
-        named = [h for h in self.heads.values() if h.name == spec]
-        if named:
-            return max(named, key=lambda h: h.version)
-        raise NotFound(f"no head {spec!r}; loaded: {', '.join(sorted(self.heads))}")
-
-    # ---- reads ----------------------------------------------------------------------------------
-
-    @property
-    def state(self) -> VocabState:
-        if self._state is None:
-            raise FailedPrecondition("the tagger is still starting")
-        return self._state
-
-    def _check_signals(self, head: Head, features: Matrix, logits: Matrix | None) -> None:
-        assert self.info is not None
-        if features.ndim != 2 or features.shape[1] != self.info.feature_dim:
-            raise InvalidArgument(f"image features must have {self.info.feature_dim} values")
-        if head.needs_logits:
-            if logits is None or logits.shape[0] != features.shape[0]:
-                raise InvalidArgument(f"head {head_id(head)} needs ImageNet logits for every image")
-            if logits.shape[1] != len(self.info.class_labels):
-                raise InvalidArgument(f"logits must have {len(self.info.class_labels)} values")
-
-    def project_images(self, features: Matrix, logits: Matrix | None) -> tuple[Matrix, str]:
-        state = self.state
-        self._check_signals(state.head, features, logits)
-        return state.head.project_images(features, logits), state.head_id
-
-    def project_texts(self, embeddings: Matrix) -> tuple[Matrix, str]:
-        state = self.state
-        assert self.info is not None
-        if embeddings.ndim != 2 or embeddings.shape[1] != self.info.text_dim:
-            raise InvalidArgument(f"text embeddings must have {self.info.text_dim} values")
-        return state.head.project_texts(embeddings), state.head_id
-
-    def rank(self, features: Matrix, logits: Matrix | None, top_k: int, which: str) -> tuple[list[RankedTag], str, int]:
-        """Top-k tags for one image: one matrix-vector product over the whole vocabulary."""
-        start = time.perf_counter()
-        state = self.state
-        if not 1 <= top_k <= self.settings.max_k:
-            raise InvalidArgument(f"top_k must be between 1 and {self.settings.max_k}, got {top_k}")
-        self._check_signals(state.head, features[None, :], None if logits is None else logits[None, :])
-        direction = state.head.tag_direction(features[None, :], None if logits is None else logits[None, :])[0]
-        scores = state.projected @ direction + state.bias
-        if which == "seen":
-            scores = np.where(state.seen, scores, -np.inf)
-        elif which == "unseen":
-            scores = np.where(state.seen, -np.inf, scores)
-        eligible = int(np.isfinite(scores).sum())
-        k = min(top_k, eligible)
-        if k == 0:
-            return [], state.head_id, state.size
-        top = np.argpartition(-scores, k - 1)[:k]
-        top = top[np.argsort(-scores[top], kind="stable")]
-        ranked = [RankedTag(state.names[i], float(scores[i]), bool(state.seen[i])) for i in top]
-        metrics.RANK_SECONDS.observe(time.perf_counter() - start)
-        return ranked, state.head_id, state.size
-
-    def list_tags(self, which: str, page_size: int, page_token: str) -> tuple[list[TagInfo], str, int]:
-        state = self.state
-        if page_size == 0:
-            page_size = 100
-        if page_size > 1000:
-            raise InvalidArgument(f"page_size must be at most 1000, got {page_size}")
-        after = ""
-        if page_token:
-            try:
-                after = base64.urlsafe_b64decode(page_token.encode()).decode("utf-8")
-            except (ValueError, UnicodeDecodeError):
-                raise InvalidArgument("page_token is not one this server issued") from None
-        mask = np.ones(state.size, dtype=bool)
-        if which == "seen":
-            mask = state.seen
-        elif which == "unseen":
-            mask = ~state.seen
-        # Added tags are appended to the snapshot, so its order is not the key order.
-        order = sorted((i for i in range(state.size) if mask[i]), key=lambda i: state.keys[i])
-        total = len(order)
-        start = 0
-        if after:
-            start = next((n for n, i in enumerate(order) if state.keys[i] > after), total)
-        page = order[start : start + page_size]
-        token = ""
-        if start + page_size < total and page:
-            token = base64.urlsafe_b64encode(state.keys[page[-1]].encode("utf-8")).decode()
-        return [TagInfo(state.names[i], bool(state.seen[i]), int(state.added_ms[i])) for i in page], token, total
-
-    # ---- writes ---------------------------------------------------------------------------------
+    # ---- writes -------------------------------------------------------------------------------------
 
     def _check_batch(self, tags: Sequence[str]) -> None:
         if not tags:
             raise InvalidArgument("no tags given")
         if len(tags) > self.settings.max_tags_per_request:
             raise ResourceExhausted(
-                f"{len(tags)} tags in one request; the limit is {self.settings.max_tags_per_request}"
+                f"{len(tags)} tags in one request; the limit is {self.settings.max_tags_per_request}: split them"
             )
 
-    async def add_tags(self, raw_tags: Sequence[str]) -> list[TagChange]:
+    async def _embed_new(self, names: Sequence[str]) -> list[Matrix | ImgsearchError]:
+        """One embedding or error per name, in encoder-sized chunks; a failed call fails only its chunk."""
+        size = self.settings.encode_batch_size
+        chunks = [list(names[i : i + size]) for i in range(0, len(names), size)]
+        gate = asyncio.Semaphore(EMBED_CONCURRENCY)
+
+        async def one(chunk: list[str]) -> list[Matrix | ImgsearchError] | ImgsearchError:
+            async with gate:
+                try:
+                    results = await self.source.encode_texts(chunk, timeout=self.settings.peer_timeout_seconds)
+                except ImgsearchError as exc:
+                    return exc
+            if len(results) != len(chunk):
+                return Unavailable(f"the encoder answered {len(results)} results for {len(chunk)} texts")
+            return results
+
+        parts = await asyncio.gather(*(one(c) for c in chunks))
+        failures = [p for p in parts if isinstance(p, ImgsearchError)]
+        if len(failures) == len(parts):
+            # Nothing could be embedded: fail the call with the encoder's status, so callers may retry it.
+            raise failures[0]
+        out: list[Matrix | ImgsearchError] = []
+        for chunk, part in zip(chunks, parts, strict=True):
+            out.extend([part] * len(chunk) if isinstance(part, ImgsearchError) else part)
+        return out
+
+    async def add_tags(self, raw_tags: Sequence[str]) -> TagChanges:
         """Validate, embed and durably store new (unseen) tags; they rank from the next call on."""
         self._check_batch(raw_tags)
         start = time.perf_counter()
         async with self._write:
-            state = self.state
-            assert self.info is not None
-            existing = set(state.keys)
+            vocab = self.vocabulary
+            existing = set(vocab.keys)
             results: list[TagChange] = []
             new: dict[str, str] = {}  # key -> display name
             for raw in raw_tags:
@@ -379,7 +577,7 @@ class Tagger:
                 key = tag_key(name)
                 if key in existing or key in new:
                     results.append(TagChange(name, changed=False))
-                elif state.size + len(new) >= self.settings.max_vocabulary:
+                elif vocab.size + len(new) >= self.settings.max_vocabulary:
                     results.append(
                         TagChange(name, error=ResourceExhausted(f"vocabulary is full ({self.settings.max_vocabulary})"))
                     )
@@ -387,9 +585,9 @@ class Tagger:
                     new[key] = name
                     results.append(TagChange(name, changed=True))
             if not new:
-                return results
+                return TagChanges(results, vocab.version)
             names = list(new.values())
-            embedded = await self.source.encode_texts(names, timeout=self.settings.peer_timeout_seconds)
+            embedded = await self._embed_new(names)
             failed: dict[str, ImgsearchError] = {}
             stored: list[StoredTag] = []
             ts = now_ms()
@@ -397,10 +595,12 @@ class Tagger:
                 if isinstance(res, ImgsearchError):
                     failed[tag_key(name)] = res
                 else:
-                    stored.append(StoredTag(tag_key(name), name, False, ts, self.info.text_model_version, res))
+                    stored.append(StoredTag(tag_key(name), name, False, ts, vocab.text_model, res))
+            version = vocab.version
             if stored:
-                await asyncio.to_thread(self.store.put, stored)
-                self._state = _append(state, stored)
+                version += 1
+                await asyncio.to_thread(self.store.put, stored, version)
+                self._apply(VocabUpdate(version, vocab.text_model, vocab.dim, added=stored))
             results = [
                 TagChange(r.tag, changed=False, error=failed[tag_key(r.tag)])
                 if r.changed and tag_key(r.tag) in failed
@@ -408,99 +608,85 @@ class Tagger:
                 for r in results
             ]
         metrics.TAG_ADD_SECONDS.observe(time.perf_counter() - start)
-        self._publish_metrics()
-        return results
+        return TagChanges(results, version)
 
-    async def remove_tags(self, raw_tags: Sequence[str]) -> list[TagChange]:
+    async def remove_tags(self, raw_tags: Sequence[str]) -> TagChanges:
         self._check_batch(raw_tags)
         async with self._write:
-            state = self.state
-            index = {k: i for i, k in enumerate(state.keys)}
+            vocab = self.vocabulary
+            index = {k: i for i, k in enumerate(vocab.keys)}
             results: list[TagChange] = []
-            drop: set[int] = set()
+            drop: dict[str, None] = {}
             for raw in raw_tags:
                 try:
                     name = clean_tag(raw, self.settings.max_tag_chars)
                 except InvalidArgument as exc:
                     results.append(TagChange(raw, error=InvalidArgument(f"tag {raw!r}: {exc.message}")))
                     continue
-                i = index.get(tag_key(name))
+                key = tag_key(name)
+                i = index.get(key)
                 if i is None:
                     results.append(TagChange(name, error=NotFound(f"tag {name!r} is not in the vocabulary")))
-                elif i in drop:
+                elif key in drop:
                     results.append(TagChange(name, changed=False))
                 else:
-                    drop.add(i)
-                    results.append(TagChange(state.names[i], changed=True))
+                    drop[key] = None
+                    results.append(TagChange(vocab.names[i], changed=True))
+            version = vocab.version
             if drop:
-                await asyncio.to_thread(self.store.delete, [state.keys[i] for i in drop])
-                self._state = _remove(state, drop)
-        self._publish_metrics()
-        return results
+                version += 1
+                await asyncio.to_thread(self.store.delete, list(drop), version)
+                self._apply(VocabUpdate(version, vocab.text_model, vocab.dim, removed=list(drop)))
+        return TagChanges(results, version)
 
-    # ---- heads ----------------------------------------------------------------------------------
+    def _apply(self, update: VocabUpdate) -> None:
+        """Publish a committed change to local readers and every watcher, with no await in between.
 
-    def list_heads(self) -> tuple[list[Head], str]:
-        return sorted(self.heads.values(), key=head_id), self.state.head_id
+        Because nothing yields to the event loop between the swap and the fan-out, a watcher that takes its
+        snapshot and registers in one step (see watch) sees every later change exactly once.
+        """
+        vocab = self.vocabulary
+        self._publish(apply_change(vocab, update, self._views_of(vocab)))
+        for watcher in self._watchers:
+            try:
+                watcher.queue.put_nowait(update)
+            except asyncio.QueueFull:
+                watcher.overflowed = True
 
-    async def activate_head(self, spec: str) -> tuple[Head, str]:
-        """Switch heads at run time; in-flight requests finish on the snapshot they started with."""
-        if not spec.strip():
-            raise InvalidArgument("head is empty: give a name, name@version or the path of a head file")
-        async with self._write:
-            previous = self.state
-            path = Path(spec)
-            if spec.endswith(".npz"):
-                head = await asyncio.to_thread(self._load_file, path)
-                self.heads[head_id(head)] = head
-            else:
-                head = self._resolve(spec)
-            assert self.info is not None
-            stored = await asyncio.to_thread(self.store.load)
-            self._state = await asyncio.to_thread(_build_state, head, stored, self.info.text_dim)
-        self._publish_metrics()
-        log.info("head activated", extra={"head": head_id(head), "previous": previous.head_id})
-        return head, previous.head_id
+    # ---- change feed --------------------------------------------------------------------------------
 
-    def _publish_metrics(self) -> None:
-        state = self._state
-        if state is None:
-            return
-        seen = int(state.seen.sum())
-        metrics.VOCABULARY_SIZE.labels("seen").set(seen)
-        metrics.VOCABULARY_SIZE.labels("unseen").set(state.size - seen)
-        for hid, head in self.heads.items():
-            metrics.HEAD_INFO.labels(hid, head.kind).set(1 if hid == state.head_id else 0)
+    async def watch(self) -> AsyncGenerator[VocabUpdate, None]:
+        """A full snapshot (in parts), then every change in commit order, until the caller goes away.
 
-    def close(self) -> None:
+        An idle stream carries a heartbeat (no tags, same version) every WATCH_HEARTBEAT_SECONDS: data on
+        the stream keeps the server from treating the watcher's keepalive pings as abuse, and lets the
+        watcher tell a quiet writer from a dead connection.
+        """
+        vocab = self.vocabulary
+        watcher = _Watcher()
+        self._watchers.add(watcher)
+        metrics.WATCHERS.inc()
+        try:
+            for part in snapshot_updates(vocab):
+                yield part
+            # A stream lives for hours: do not pin the snapshot it started from.
+            del vocab
+            while True:
+                try:
+                    update = await asyncio.wait_for(watcher.queue.get(), WATCH_HEARTBEAT_SECONDS)
+                except TimeoutError:
+                    # An empty queue means the watcher has every change: the current version is its own.
+                    now = self.vocabulary
+                    yield VocabUpdate(now.version, now.text_model, now.dim)
+                    continue
+                if watcher.overflowed:
+                    raise Unavailable(
+                        f"this watcher fell more than {WATCH_QUEUE} changes behind; reconnect for a fresh snapshot"
+                    )
+                yield update
+        finally:
+            self._watchers.discard(watcher)
+            metrics.WATCHERS.dec()
+
+    async def close(self) -> None:
         self.store.close()
-
-
-def _append(state: VocabState, tags: Sequence[StoredTag]) -> VocabState:
-    """New snapshot with tags added, projecting only the new rows (keeps adds O(new), not O(vocab))."""
-    raw_new = np.stack([t.embedding for t in tags]).astype(np.float32)
-    proj_new = state.head.project_texts(raw_new)
-    return VocabState(
-        head=state.head,
-        keys=[*state.keys, *(t.key for t in tags)],
-        names=[*state.names, *(t.name for t in tags)],
-        seen=np.concatenate([state.seen, np.array([t.seen for t in tags], dtype=bool)]),
-        added_ms=np.concatenate([state.added_ms, np.array([t.added_ms for t in tags], dtype=np.int64)]),
-        raw=np.concatenate([state.raw, raw_new]),
-        projected=np.concatenate([state.projected, proj_new]),
-        bias=np.concatenate([state.bias, state.head.tag_bias(proj_new)]),
-    )
-
-
-def _remove(state: VocabState, drop: set[int]) -> VocabState:
-    keep = np.array([i for i in range(state.size) if i not in drop], dtype=np.int64)
-    return VocabState(
-        head=state.head,
-        keys=[state.keys[i] for i in keep],
-        names=[state.names[i] for i in keep],
-        seen=state.seen[keep],
-        added_ms=state.added_ms[keep],
-        raw=state.raw[keep],
-        projected=state.projected[keep],
-        bias=state.bias[keep],
-    )

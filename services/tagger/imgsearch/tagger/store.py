@@ -73,11 +73,20 @@ class VocabularyStore:
             StoredTag(k, n, bool(s), int(a), m, np.frombuffer(e, dtype=np.float32).copy()) for k, n, s, a, m, e in rows
         ]
 
-    def put(self, tags: Sequence[StoredTag]) -> None:
-        """Insert or replace tags in one transaction."""
+    def version(self) -> int:
+        """The vocabulary's version: bumped in the same transaction as every change, so it survives crashes."""
+        value = self.get_meta("version")
+        return 0 if value is None else int(value)
+
+    def _set_version(self, version: int) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('version', ?)", (str(version),))
+
+    def put(self, tags: Sequence[StoredTag], version: int) -> None:
+        """Insert or replace tags and record the new version, in one transaction."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                self._set_version(version)
                 self._db.executemany(
                     "INSERT OR REPLACE INTO tags (key, name, seen, added_ms, text_model, embedding) "
                     "VALUES (?, ?, ?, ?, ?, ?)",
@@ -91,10 +100,12 @@ class VocabularyStore:
                 self._db.execute("ROLLBACK")
                 raise
 
-    def delete(self, keys: Iterable[str]) -> None:
+    def delete(self, keys: Iterable[str], version: int) -> None:
+        """Delete tags and record the new version, in one transaction."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                self._set_version(version)
                 self._db.executemany("DELETE FROM tags WHERE key = ?", [(k,) for k in keys])
                 self._db.execute("COMMIT")
             except BaseException:
