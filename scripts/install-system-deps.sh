@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install the Debian packages the deploy checks need (promtool, prometheus); idempotent.
+# Install the Debian packages the tests need (promtool and prometheus for the deploy checks, chromium for the
+# web page's headless-browser test); idempotent.
 #
 # Only what is missing is installed: a machine that already has the binaries runs no apt at all.
 # Works as root, or through sudo when not root; says plainly what to do when it can do neither.
@@ -9,6 +10,7 @@ set -euo pipefail
 declare -A WANT=(
     [prometheus]=prometheus
     [promtool]=prometheus
+    [chromium]=chromium
 )
 
 missing_pkgs=()
@@ -20,13 +22,13 @@ for bin in "${!WANT[@]}"; do
 done
 
 if [[ ${#missing_pkgs[@]} -eq 0 ]]; then
-    echo "install-system-deps: all present ($(command -v promtool), $(command -v prometheus))"
+    echo "install-system-deps: all present ($(command -v promtool), $(command -v prometheus), $(command -v chromium))"
     exit 0
 fi
 
 if ! command -v apt-get >/dev/null 2>&1; then
     echo "install-system-deps: need Debian package(s) ${missing_pkgs[*]} but apt-get is not available;" >&2
-    echo "  install them with your system's package manager (promtool and prometheus on PATH)." >&2
+    echo "  install them with your system's package manager (promtool, prometheus and chromium on PATH)." >&2
     exit 1
 fi
 

@@ -277,3 +277,28 @@ def test_json_lines_carry_the_trace_and_span_id_inside_a_span() -> None:
         ctx = span.get_span_context()
     assert inside["trace_id"] == f"{ctx.trace_id:032x}"
     assert inside["span_id"] == f"{ctx.span_id:016x}"
+
+
+async def test_stream_messages_are_counted_as_go_grpc_prometheus_names_them(probe: aio.Channel) -> None:
+    from imgsearch.kit import metrics
+
+    received = metrics.MSG_RECEIVED.labels(SERVICE, "Count", "client_stream")
+    sent = metrics.MSG_SENT.labels(SERVICE, "Stream", "server_stream")
+    before_received, before_sent = received._value.get(), sent._value.get()
+    count_call = probe.stream_unary(
+        method("Count"), request_serializer=S.SerializeToString, response_deserializer=S.FromString
+    )
+
+    async def three() -> AsyncIterator[S]:
+        for i in range(3):
+            yield S(value=str(i))
+
+    assert (await count_call(three(), timeout=5)).value == "3"
+    stream_call = probe.unary_stream(
+        method("Stream"), request_serializer=S.SerializeToString, response_deserializer=S.FromString
+    )
+    with pytest.raises(aio.AioRpcError):
+        async for _ in stream_call(S(value="x"), timeout=5):
+            pass
+    assert received._value.get() - before_received == 3
+    assert sent._value.get() - before_sent == 1

@@ -248,7 +248,11 @@ class ServerInterceptor(aio.ServerInterceptor):
             call = _Call(method, labels, self.access_level, self.origin)
             try:
                 context.set_trailing_metadata(self.origin)
-                request = _checked_stream(request) if streaming_request else _check(request)
+                request = (
+                    metrics.count_messages(_checked_stream(request), metrics.MSG_RECEIVED.labels(*labels))
+                    if streaming_request
+                    else _check(request)
+                )
                 response = await behavior(request, context)
                 call.code = _code_name(context)
                 return response
@@ -274,8 +278,14 @@ class ServerInterceptor(aio.ServerInterceptor):
             call = _Call(method, labels, self.access_level, self.origin)
             try:
                 context.set_trailing_metadata(self.origin)
-                request = _checked_stream(request) if streaming_request else _check(request)
+                # Stream message counters as go-grpc-prometheus names them.
+                received = metrics.MSG_RECEIVED.labels(*labels)
+                sent = metrics.MSG_SENT.labels(*labels)
+                request = (
+                    metrics.count_messages(_checked_stream(request), received) if streaming_request else _check(request)
+                )
                 async for item in behavior(request, context):
+                    sent.inc()
                     yield item
                 call.code = _code_name(context)
             except aio.AbortError:

@@ -6,9 +6,10 @@ from collections.abc import AsyncIterator, Sequence
 
 from imgsearch.api.common.v1 import common_pb2
 from imgsearch.api.gateway.v1 import gateway_pb2
-from imgsearch.api.tagger.v1 import tagger_pb2
-from imgsearch.gateway.core import AddResult, DeleteOutcome, HeadSwitch, NewImage, SearchResult
+from imgsearch.gateway.core import AddResult, DeleteOutcome, NewImage, SearchResult
+from imgsearch.gateway.heads import Activation, SwitchStatus
 from imgsearch.gateway.peers import StoredRecord
+from imgsearch.heads import Head, head_id
 from imgsearch.kit.convert import item_error
 
 
@@ -64,20 +65,49 @@ def meta(result: SearchResult) -> gateway_pb2.SearchMeta:
     )
 
 
-def head_info(h: tagger_pb2.Head) -> gateway_pb2.HeadInfo:
+def head_info(h: Head, status: SwitchStatus) -> gateway_pb2.HeadInfo:
+    hid = head_id(h)
+    manifest = getattr(h, "manifest", {}) or {}
     return gateway_pb2.HeadInfo(
-        name=h.name, version=h.version, kind=h.kind, active=h.active, metrics=dict(h.metrics), image_model=h.image_model
+        name=h.name,
+        version=h.version,
+        kind=h.kind,
+        active=hid == status.config.active,
+        building=hid == status.config.building,
+        metrics=dict(h.metrics),
+        image_model=h.image_model,
+        description=str(manifest.get("description", "")),
     )
 
 
-def heads_response(r: tagger_pb2.ListHeadsResponse) -> gateway_pb2.ListHeadsResponse:
-    return gateway_pb2.ListHeadsResponse(heads=[head_info(h) for h in r.heads], active=r.active)
+def switch_status(status: SwitchStatus) -> gateway_pb2.HeadSwitchStatus:
+    building = status.config.building
+    return gateway_pb2.HeadSwitchStatus(
+        active=status.config.active,
+        building=building,
+        epoch=status.config.epoch,
+        shards=[
+            gateway_pb2.ShardHeadProgress(
+                shard=s.shard,
+                images=s.records,
+                done=min(s.vectors.get(building, 0), s.records) if building else s.records,
+                reachable=s.reachable,
+            )
+            for s in status.shards
+        ],
+    )
 
 
-def activate_response(switch: HeadSwitch) -> gateway_pb2.ActivateHeadResponse:
+def heads_response(heads: Sequence[Head], status: SwitchStatus) -> gateway_pb2.ListHeadsResponse:
+    return gateway_pb2.ListHeadsResponse(
+        heads=[head_info(h, status) for h in heads], active=status.config.active, status=switch_status(status)
+    )
+
+
+def activate_response(activation: Activation) -> gateway_pb2.ActivateHeadResponse:
     return gateway_pb2.ActivateHeadResponse(
-        head=head_info(switch.head),
-        previous=switch.previous,
-        reprojected=switch.reprojected,
-        failed_shards=switch.failed_shards,
+        head=head_info(activation.head, activation.status),
+        previous=activation.previous,
+        failed_shards=activation.failed_shards,
+        status=switch_status(activation.status),
     )

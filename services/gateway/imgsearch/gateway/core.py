@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import heapq
 import logging
@@ -16,12 +17,12 @@ import grpc
 import numpy as np
 
 from imgsearch.api.common.v1 import common_pb2
-from imgsearch.api.tagger.v1 import tagger_pb2
 from imgsearch.gateway import metrics
-from imgsearch.gateway.peers import Hit, NewRecord, ShardClient, StoredRecord, TaggerClient, shard_for
+from imgsearch.gateway.heads import Activation, HeadManager, HeadShard, project_images
+from imgsearch.gateway.peers import Encoder, Hit, NewRecord, RankedTags, Shard, StoredRecord, Tagger, shard_for
 from imgsearch.gateway.settings import GatewaySettings
+from imgsearch.heads import HeadCatalog, head_id
 from imgsearch.kit.convert import Matrix, check_k, error_code
-from imgsearch.kit.encoder_client import EncoderClient
 from imgsearch.kit.errors import (
     FailedPrecondition,
     ImgsearchError,
@@ -34,10 +35,9 @@ from imgsearch.kit.peers import PeerError
 
 log = logging.getLogger(__name__)
 
+TOP_LOGITS = 32
 # Statuses a shard returns because the request itself is wrong: every shard would say the same,
 # so they fail the whole call instead of turning it into a partial result.
-TOP_LOGITS = 32
-REPROJECT_PAGE = 128
 _CALLER_ERRORS = {
     grpc.StatusCode.INVALID_ARGUMENT,
     grpc.StatusCode.FAILED_PRECONDITION,
@@ -79,14 +79,6 @@ class SearchResult:
 
 
 @dataclass
-class HeadSwitch:
-    head: tagger_pb2.Head
-    previous: str
-    reprojected: int = 0
-    failed_shards: list[str] = field(default_factory=list)
-
-
-@dataclass
 class DeleteOutcome:
     id: str
     error: ImgsearchError | None = None
@@ -96,14 +88,6 @@ def top_logits(logits: Matrix, n: int = TOP_LOGITS) -> list[tuple[int, float]]:
     """The n highest (class, logit) pairs: ConSE's top-T weights (T <= n) are exactly recoverable from them."""
     top = np.argpartition(-logits, n - 1)[:n]
     return [(int(i), float(logits[i])) for i in top[np.argsort(-logits[top])]]
-
-
-def dense_logits(pairs: Sequence[tuple[int, float]], classes: int) -> Matrix:
-    """Logits rebuilt from stored top pairs; the missing classes get a probability of zero after softmax."""
-    out = np.full(classes, -1e9, dtype=np.float32)
-    for i, v in pairs:
-        out[i] = v
-    return out
 
 
 def content_id(data: bytes) -> str:
@@ -116,25 +100,75 @@ def _code(exc: ImgsearchError) -> str:
 
 
 class Gateway:
-    """The public API's logic over the encoder, the tagger and the index shards."""
+    """The public API's logic over the encoder, the tagger and the index shards.
+
+    Projection is in process: the heads library turns encoder output into semantic vectors here, so adding
+    and searching need only the encoder and the shards; the tagger is called for tagging and vocabulary
+    edits alone, and its outage stops only those.
+    """
 
     def __init__(
         self,
         settings: GatewaySettings,
-        encoder: EncoderClient,
-        tagger: TaggerClient,
-        shards: Sequence[ShardClient],
+        encoder: Encoder,
+        tagger: Tagger,
+        shards: Sequence[Shard],
     ) -> None:
         self.settings = settings
         self.encoder = encoder
         self.tagger = tagger
         self.shards = list(shards)
+        self._heads: HeadManager | None = None
+        self._reconciler: asyncio.Task[None] | None = None
+        # Highest vocabulary version this gateway's own tag edits produced: reads ask replicas for at least
+        # this one, so a caller sees the tag it just added even when a read replica answers.
+        self.vocabulary_version = 0
+
+    async def start(self, catalog: HeadCatalog | None = None) -> None:
+        """Load the heads (class names embedded by the encoder), learn the head configuration, reconcile."""
+        s = self.settings
+        if catalog is None:
+            catalog = await HeadCatalog.from_encoder(
+                self.encoder,
+                s.heads_dir,
+                timeout=s.peer_timeout_seconds,
+                startup_timeout=s.startup_timeout_seconds,
+                conse_top_t=s.conse_top_t,
+                anchor_penalty=s.anchor_penalty,
+            )
+        shards: list[HeadShard] = list(self.shards)
+        manager = HeadManager(
+            catalog,
+            shards,
+            default_head=s.default_head,
+            timeout=s.peer_timeout_seconds,
+            page_size=s.backfill_page_size,
+            refresh_seconds=s.head_refresh_seconds,
+        )
+        await manager.refresh()
+        self._heads = manager
+        self._reconciler = asyncio.create_task(manager.run())
+        log.info("heads loaded", extra={"heads": sorted(catalog.heads), "config": str(manager.config)})
+
+    async def close(self) -> None:
+        if self._reconciler is not None:
+            self._reconciler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reconciler
+        if self._heads is not None:
+            await self._heads.close()
+
+    @property
+    def heads(self) -> HeadManager:
+        if self._heads is None:
+            raise Unavailable("the gateway is still starting (loading heads); retry shortly")
+        return self._heads
 
     # ---- validation -----------------------------------------------------------------------------
 
     def check_id(self, image_id: str, what: str = "id") -> str:
-        if not image_id:
-            raise InvalidArgument(f"{what} is empty")
+        if not image_id or not image_id.strip():
+            raise InvalidArgument(f"{what} is empty" if not image_id else f"{what} is only whitespace")
         if len(image_id) > self.settings.max_id_chars:
             raise InvalidArgument(
                 f"{what} is {len(image_id)} characters long, the limit is {self.settings.max_id_chars}"
@@ -149,6 +183,17 @@ class Gateway:
         if len(data) > self.settings.max_image_bytes:
             raise InvalidArgument(f"{what} is {len(data)} bytes, the limit is {self.settings.max_image_bytes} bytes")
         return data
+
+    def check_metadata(self, metadata: dict[str, str], what: str) -> None:
+        """The shards' limits, checked before the image is decoded, encoded and projected."""
+        s = self.settings
+        if len(metadata) > s.max_metadata_entries:
+            raise InvalidArgument(f"{what}: {len(metadata)} metadata entries, at most {s.max_metadata_entries} allowed")
+        size = sum(len(k.encode()) + len(v.encode()) for k, v in metadata.items())
+        if size > s.max_metadata_bytes:
+            raise InvalidArgument(f"{what}: metadata is {size} bytes, at most {s.max_metadata_bytes} allowed")
+        if any(not k for k in metadata):
+            raise InvalidArgument(f"{what}: a metadata key is empty")
 
     def check_ids(self, ids: Sequence[str]) -> None:
         if not ids:
@@ -189,6 +234,7 @@ class Gateway:
             try:
                 self.check_image(image.data, f"image {pos} ({image.source_name or image_id or 'unnamed'})")
                 self.check_id(image_id, f"id of image {pos}")
+                self.check_metadata(image.metadata, f"image {pos} ({image.source_name or image_id})")
             except ImgsearchError as exc:
                 result.error = exc
                 continue
@@ -217,39 +263,71 @@ class Gateway:
     ) -> None:
         features = np.stack([g[3] for g in good])
         logits = None if any(g[4] is None for g in good) else np.stack([g[4] for g in good if g[4] is not None])
-        semantic, head = await self.tagger.project_images(features, logits, timeout)
         norms = np.linalg.norm(features, axis=1)
         visual = features / np.maximum(norms[:, None], 1e-12)
+        pending = list(range(len(good)))
+        # A shard refuses records that lack a head its configuration requires (a switch began elsewhere):
+        # then this gateway's view is stale, so it refreshes once and writes those records again.
+        for attempt in range(2):
+            heads = self.heads.write_heads()
+            semantics = {
+                head_id(h): await asyncio.to_thread(project_images, self.heads.catalog, h, features, logits)
+                for h in heads
+            }
+            stale = await self._write_records(good, pending, visual, norms, logits, semantics, results, timeout)
+            if not stale or attempt == 1:
+                break
+            await self.heads.refresh()
+            pending = stale
+
+    async def _write_records(
+        self,
+        good: list[tuple[int, NewImage, str, Matrix, Matrix | None]],
+        rows: list[int],
+        visual: Matrix,
+        norms: Matrix,
+        logits: Matrix | None,
+        semantics: dict[str, Matrix],
+        results: dict[int, AddResult],
+        timeout: float,
+    ) -> list[int]:
+        """Write the given rows to their shards; returns rows refused for a stale head configuration."""
         by_shard: dict[str, list[tuple[int, NewRecord]]] = defaultdict(list)
-        for row, (pos, image, image_id, _, _) in enumerate(good):
+        for row in rows:
+            _, image, image_id, _, _ = good[row]
             record = NewRecord(
                 image_id,
                 visual[row],
-                semantic[row],
-                head,
+                {hid: vectors[row] for hid, vectors in semantics.items()},
                 image.metadata,
                 image.source_name,
                 feature_norm=float(norms[row]),
                 top_logits=[] if logits is None else top_logits(logits[row]),
             )
-            by_shard[shard_for(image_id, self.shards).name].append((pos, record))
+            by_shard[shard_for(image_id, self.shards).name].append((row, record))
         shards = {s.name: s for s in self.shards}
+        stale: list[int] = []
 
         async def write(name: str, items: list[tuple[int, NewRecord]]) -> None:
             try:
                 written = await shards[name].upsert([r for _, r in items], timeout)
             except ImgsearchError as exc:
                 metrics.SHARD_ERRORS.labels(name, _code(exc)).inc()
-                for pos, _ in items:
-                    results[pos].error = exc
+                for row, _ in items:
+                    results[good[row][0]].error = exc
                 return
-            for (pos, _), w in zip(items, written, strict=True):
+            for (row, _), w in zip(items, written, strict=True):
+                result = results[good[row][0]]
                 if w.HasField("error"):
-                    results[pos].error = PeerError(error_code(w.error), w.error.message)
+                    result.error = PeerError(error_code(w.error), w.error.message)
+                    if result.error.code == grpc.StatusCode.FAILED_PRECONDITION:
+                        stale.append(row)
                 else:
-                    results[pos].created = w.changed
+                    result.error = None
+                    result.created = w.changed
 
         await asyncio.gather(*(write(name, items) for name, items in by_shard.items()))
+        return sorted(stale)
 
     async def delete_images(self, ids: Sequence[str], timeout: float) -> tuple[list[DeleteOutcome], bool]:
         self.check_ids(ids)
@@ -257,7 +335,7 @@ class Gateway:
         groups = self._group(ids)
         partial = False
 
-        async def run(shard: ShardClient, items: list[tuple[int, str]]) -> None:
+        async def run(shard: Shard, items: list[tuple[int, str]]) -> None:
             nonlocal partial
             try:
                 written = await shard.delete([image_id for _, image_id in items], timeout)
@@ -278,7 +356,7 @@ class Gateway:
             metrics.PARTIAL_RESULTS.labels("DeleteImages").inc()
         return [outcomes[i] for i in range(len(ids))], partial
 
-    def _group(self, ids: Sequence[str]) -> list[tuple[ShardClient, list[tuple[int, str]]]]:
+    def _group(self, ids: Sequence[str]) -> list[tuple[Shard, list[tuple[int, str]]]]:
         groups: dict[str, list[tuple[int, str]]] = defaultdict(list)
         for i, image_id in enumerate(ids):
             groups[shard_for(image_id, self.shards).name].append((i, image_id))
@@ -292,7 +370,7 @@ class Gateway:
         missing: list[str] = []
         partial = False
 
-        async def run(shard: ShardClient, items: list[tuple[int, str]]) -> None:
+        async def run(shard: Shard, items: list[tuple[int, str]]) -> None:
             nonlocal partial
             try:
                 records, miss = await shard.get([image_id for _, image_id in items], False, timeout)
@@ -318,10 +396,15 @@ class Gateway:
         if enc.error is not None or enc.features is None:
             raise enc.error or InvalidArgument("query image could not be encoded")
         if semantic:
-            vectors, head = await self.tagger.project_images(
-                enc.features[None, :], None if enc.logits is None else enc.logits[None, :], timeout
+            head = self.heads.active()
+            vectors = await asyncio.to_thread(
+                project_images,
+                self.heads.catalog,
+                head,
+                enc.features[None, :],
+                None if enc.logits is None else enc.logits[None, :],
             )
-            return await self.fan_out("SearchByImage", space, vectors[0], k, [], head, timeout)
+            return await self.fan_out("SearchByImage", space, vectors[0], k, [], head_id(head), timeout)
         query = enc.features / max(float(np.linalg.norm(enc.features)), 1e-12)
         return await self.fan_out("SearchByImage", space, query, k, [], "", timeout)
 
@@ -335,8 +418,9 @@ class Gateway:
         (emb,) = await self.encoder.encode_texts([text], timeout)
         if isinstance(emb, ImgsearchError):
             raise emb
-        vectors, head = await self.tagger.project_texts(emb[None, :], timeout)
-        return await self.fan_out("SearchByText", common_pb2.SPACE_SEMANTIC, vectors[0], k, [], head, timeout)
+        head = self.heads.active()
+        vector = head.project_texts(emb[None, :])[0]
+        return await self.fan_out("SearchByText", common_pb2.SPACE_SEMANTIC, vector, k, [], head_id(head), timeout)
 
     async def search_by_id(self, image_id: str, k: int, space: int, include_self: bool, timeout: float) -> SearchResult:
         self.check_id(image_id)
@@ -352,10 +436,10 @@ class Gateway:
         if not records:
             raise NotFound(f"image {image_id!r} is not stored")
         record = records[0]
-        vector = record.semantic if space == common_pb2.SPACE_SEMANTIC else record.visual
+        head = self.heads.current().active if space == common_pb2.SPACE_SEMANTIC else ""
+        vector = record.semantics.get(head) if space == common_pb2.SPACE_SEMANTIC else record.visual
         if vector is None:
             raise FailedPrecondition(f"image {image_id!r} has no stored vector in that space")
-        head = record.semantic_head if space == common_pb2.SPACE_SEMANTIC else ""
         exclude = [] if include_self else [image_id]
         return await self.fan_out("SearchById", space, vector, k, exclude, head, timeout)
 
@@ -364,7 +448,7 @@ class Gateway:
     ) -> SearchResult:
         """Search every shard concurrently; merge the top k; a failed shard makes the result partial."""
 
-        async def one(shard: ShardClient) -> list[Hit]:
+        async def one(shard: Shard) -> list[Hit]:
             start = time.perf_counter()
             try:
                 return await shard.search(space, query, k, exclude, head, timeout)
@@ -396,69 +480,22 @@ class Gateway:
 
     # ---- tags -----------------------------------------------------------------------------------
 
-    async def tag_image(self, data: bytes, k: int, tag_filter: int, timeout: float) -> tagger_pb2.RankTagsResponse:
+    async def tag_image(self, data: bytes, k: int, tag_filter: int, timeout: float) -> RankedTags:
         self.check_image(data, "image")
-        check_k(k, self.settings.max_k)
+        check_k(k, self.settings.max_tag_k)
+        head = self.heads.active()
         (enc,) = await self.encoder.encode_images([(data, "image")], include_logits=True, timeout=timeout)
         if enc.error is not None or enc.features is None:
             raise enc.error or InvalidArgument("image could not be encoded")
-        return await self.tagger.rank_tags(enc.features, enc.logits, k, tag_filter, timeout)
+        return await self.tagger.rank_tags(
+            enc.features, enc.logits, k, tag_filter, head_id(head), self.vocabulary_version, timeout
+        )
+
+    def saw_vocabulary(self, version: int) -> None:
+        self.vocabulary_version = max(self.vocabulary_version, version)
 
     # ---- heads ----------------------------------------------------------------------------------
 
-    async def activate_head(self, spec: str, reproject: bool, timeout: Callable[[], float]) -> HeadSwitch:
-        """Switch the tagger's head, then move every stored image into the new head's semantic space.
-
-        Stored images keep their normalised features, feature norm and top ImageNet logits, so the new
-        head's projection is computed exactly as if the image had been added now. The index keeps one
-        space per head and searches only the query's head, so until a shard is done, text search sees
-        only its re-projected images, never a mix. Re-running resumes: done records are skipped.
-        """
-        if not spec.strip():
-            raise InvalidArgument("head is empty: give a name, name@version or a head file path")
-        resp = await self.tagger.activate_head(spec, timeout())
-        head_id = f"{resp.head.name}@{resp.head.version}"
-        switch = HeadSwitch(resp.head, resp.previous)
-        if not reproject:
-            return switch
-        classes = len((await self.encoder.model_info(timeout())).class_labels)
-        results = await asyncio.gather(
-            *(self._reproject_shard(s, head_id, classes, timeout) for s in self.shards), return_exceptions=True
-        )
-        for shard, res in zip(self.shards, results, strict=True):
-            if isinstance(res, ImgsearchError):
-                log.warning("re-projection incomplete", extra={"shard": shard.name, "error": res.message})
-                metrics.SHARD_ERRORS.labels(shard.name, _code(res)).inc()
-                switch.failed_shards.append(shard.name)
-            elif isinstance(res, BaseException):
-                raise res
-            else:
-                switch.reprojected += res
-        return switch
-
-    async def _reproject_shard(
-        self, shard: ShardClient, head_id: str, classes: int, timeout: Callable[[], float]
-    ) -> int:
-        done = 0
-        token = ""
-        while True:
-            records, token = await shard.scan(REPROJECT_PAGE, token, head_id, timeout())
-            usable = [r for r in records if r.visual.values]
-            if usable:
-                visual = np.stack([np.asarray(r.visual.values, dtype=np.float32) for r in usable])
-                norms = np.array([r.feature_norm or 1.0 for r in usable], dtype=np.float32)
-                features = visual * norms[:, None]
-                logits = None
-                if all(r.top_logits for r in usable):
-                    logits = np.stack(
-                        [dense_logits([(c.class_index, c.logit) for c in r.top_logits], classes) for r in usable]
-                    )
-                vectors, produced = await self.tagger.project_images(features, logits, timeout())
-                if produced != head_id:
-                    raise FailedPrecondition(f"the active head changed to {produced} during re-projection")
-                written = await shard.set_semantic(
-                    [(r.id, vectors[i]) for i, r in enumerate(usable)], head_id, timeout()
-                )
-                done += sum(1 for w in written if not w.HasField("error"))
-            if not token:
-                return done
+    async def activate_head(self, spec: str) -> Activation:
+        """Start a build-then-flip switch to a head installed in the heads directory; returns at once."""
+        return await self.heads.activate(spec)

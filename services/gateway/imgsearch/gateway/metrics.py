@@ -1,6 +1,6 @@
 """Gateway-specific Prometheus metrics."""
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from imgsearch.kit.metrics import LATENCY_BUCKETS
 
@@ -13,6 +13,12 @@ PARTIAL_RESULTS = Counter(
 SHARD_ERRORS = Counter("imgsearch_gateway_shard_errors_total", "Failed calls to index shards.", ("shard", "code"))
 IMAGES_ADDED = Counter("imgsearch_gateway_images_added_total", "Streamed images by outcome.", ("result",))
 
+HEAD_EPOCH = Gauge("imgsearch_gateway_head_epoch", "Epoch of the head configuration this gateway follows.")
+HEAD_BUILDING = Gauge("imgsearch_gateway_head_building", "1 while a head switch is being built, else 0.")
+BACKFILLED = Counter(
+    "imgsearch_gateway_backfilled_total", "Stored images given a vector of the head being built.", ("shard",)
+)
+
 PARTIAL_METHODS = ("SearchByImage", "SearchByText", "SearchById", "DeleteImages", "GetImages")
 
 
@@ -21,6 +27,7 @@ def prime(shards: list[str]) -> None:
     for shard in shards:
         FANOUT_SECONDS.labels(shard)
         SHARD_ERRORS.labels(shard, "UNAVAILABLE")
+        BACKFILLED.labels(shard)
     for method in PARTIAL_METHODS:
         PARTIAL_RESULTS.labels(method)
     for result in ("ok", "error"):

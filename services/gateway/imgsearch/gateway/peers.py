@@ -5,14 +5,18 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
-import grpc
 from grpc import aio
 
+from imgsearch.api.common.v1 import common_pb2
 from imgsearch.api.index.v1 import index_pb2, index_pb2_grpc
 from imgsearch.api.tagger.v1 import tagger_pb2, tagger_pb2_grpc
-from imgsearch.kit.convert import Matrix, from_vector, stack, to_vector
-from imgsearch.kit.peers import peer_error
+from imgsearch.gateway.heads import HeadConfig, HeadShard, ShardHeads, StoredSignals
+from imgsearch.kit.convert import Matrix, from_vector, to_vector
+from imgsearch.kit.encoder_client import EncodedImage
+from imgsearch.kit.errors import ImgsearchError
+from imgsearch.models.manifest import ModelInfo
 
 
 @dataclass(frozen=True)
@@ -32,8 +36,8 @@ class NewRecord:
 
     id: str
     visual: Matrix
-    semantic: Matrix
-    semantic_head: str
+    # One vector per head the configuration requires (two while a switch is being built).
+    semantics: dict[str, Matrix]
     metadata: dict[str, str] = field(default_factory=dict)
     source_name: str = ""
     # Kept so a later head switch can re-project the image without its bytes.
@@ -49,89 +53,136 @@ class StoredRecord:
     created_ms: int
     shard: str
     visual: Matrix | None = None
-    semantic: Matrix | None = None
-    semantic_head: str = ""
+    semantics: dict[str, Matrix] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RankedTags:
+    """A tagger's ranking of its vocabulary for one image."""
+
+    tags: list[common_pb2.TagScore]
+    head: str
+    vocabulary_size: int
+    vocabulary_version: int
+
+
+class Shard(HeadShard, Protocol):
+    """What the gateway core needs from an index shard: ShardClient, or an in-memory fake in unit tests."""
+
+    async def search(
+        self, space: int, query: Matrix, k: int, exclude: Sequence[str], head: str, timeout: float
+    ) -> list[Hit]: ...
+
+    async def upsert(self, records: Sequence[NewRecord], timeout: float) -> list[index_pb2.WriteResult]: ...
+
+    async def delete(self, ids: Sequence[str], timeout: float) -> list[index_pb2.WriteResult]: ...
+
+    async def get(
+        self, ids: Sequence[str], include_vectors: bool, timeout: float
+    ) -> tuple[list[StoredRecord], list[str]]: ...
+
+
+class Tagger(Protocol):
+    """What the gateway core needs from the tagger (TaggerClient, or a fake)."""
+
+    async def rank_tags(
+        self,
+        features: Matrix,
+        logits: Matrix | None,
+        top_k: int,
+        tag_filter: int,
+        head: str,
+        min_version: int,
+        timeout: float,
+    ) -> RankedTags: ...
+
+    async def add_tags(self, tags: Sequence[str], timeout: float) -> tagger_pb2.AddTagsResponse: ...
+
+    async def remove_tags(self, tags: Sequence[str], timeout: float) -> tagger_pb2.RemoveTagsResponse: ...
+
+    async def list_tags(
+        self, tag_filter: int, page_size: int, page_token: str, min_version: int, timeout: float
+    ) -> tagger_pb2.ListTagsResponse: ...
+
+
+class Encoder(Protocol):
+    """What the gateway core needs from the encoder (kit's EncoderClient, or a fake)."""
+
+    async def model_info(self, timeout: float) -> ModelInfo: ...
+
+    async def encode_texts(self, texts: Sequence[str], timeout: float) -> list[Matrix | ImgsearchError]: ...
+
+    async def encode_images(
+        self, images: Sequence[tuple[bytes, str]], include_logits: bool, timeout: float
+    ) -> list[EncodedImage]: ...
 
 
 class TaggerClient:
-    """TaggerService as the gateway calls it."""
+    """TaggerService as the gateway calls it: ranking and listing on the read replicas, edits on the writer.
 
-    def __init__(self, channel: aio.Channel, address: str) -> None:
-        self.stub = tagger_pb2_grpc.TaggerServiceStub(channel)
-        self.peer = f"tagger at {address}"
+    The channels come from kit.peers.peer_channel, whose interceptor turns a failed call into the
+    ImgsearchError our caller should see, so these methods just await the stubs.
+    """
 
-    async def project_images(self, features: Matrix, logits: Matrix | None, timeout: float) -> tuple[Matrix, str]:
-        req = tagger_pb2.ProjectImagesRequest(
-            images=[
-                tagger_pb2.ImageSignal(
-                    features=to_vector(features[i]), logits=None if logits is None else to_vector(logits[i])
-                )
-                for i in range(features.shape[0])
-            ]
-        )
-        try:
-            r = await self.stub.ProjectImages(req, timeout=timeout)
-        except grpc.RpcError as exc:
-            raise peer_error(exc, self.peer) from None
-        dim = len(r.vectors[0].values) if r.vectors else 0
-        return stack(r.vectors, dim, "projected vector"), r.head
-
-    async def project_texts(self, embeddings: Matrix, timeout: float) -> tuple[Matrix, str]:
-        req = tagger_pb2.ProjectTextsRequest(embeddings=[to_vector(e) for e in embeddings])
-        try:
-            r = await self.stub.ProjectTexts(req, timeout=timeout)
-        except grpc.RpcError as exc:
-            raise peer_error(exc, self.peer) from None
-        dim = len(r.vectors[0].values) if r.vectors else 0
-        return stack(r.vectors, dim, "projected vector"), r.head
+    def __init__(self, reads: aio.Channel, writes: aio.Channel) -> None:
+        self.reads = tagger_pb2_grpc.TaggerServiceStub(reads)
+        self.writes = tagger_pb2_grpc.TaggerServiceStub(writes)
 
     async def rank_tags(
-        self, features: Matrix, logits: Matrix | None, top_k: int, tag_filter: int, timeout: float
-    ) -> tagger_pb2.RankTagsResponse:
+        self,
+        features: Matrix,
+        logits: Matrix | None,
+        top_k: int,
+        tag_filter: int,
+        head: str,
+        min_version: int,
+        timeout: float,
+    ) -> RankedTags:
         req = tagger_pb2.RankTagsRequest(
             image=tagger_pb2.ImageSignal(
                 features=to_vector(features), logits=None if logits is None else to_vector(logits)
             ),
             top_k=top_k,
             filter=tag_filter,  # type: ignore[arg-type]
+            head=head,
+            min_vocabulary_version=min_version,
         )
-        try:
-            return await self.stub.RankTags(req, timeout=timeout)
-        except grpc.RpcError as exc:
-            raise peer_error(exc, self.peer) from None
-
-    async def list_heads(self, timeout: float) -> tagger_pb2.ListHeadsResponse:
-        try:
-            return await self.stub.ListHeads(tagger_pb2.ListHeadsRequest(), timeout=timeout)
-        except grpc.RpcError as exc:
-            raise peer_error(exc, self.peer) from None
-
-    async def activate_head(self, head: str, timeout: float) -> tagger_pb2.ActivateHeadResponse:
-        try:
-            return await self.stub.ActivateHead(tagger_pb2.ActivateHeadRequest(head=head), timeout=timeout)
-        except grpc.RpcError as exc:
-            raise peer_error(exc, self.peer) from None
+        r = await self.reads.RankTags(req, timeout=timeout)
+        return RankedTags(list(r.tags), r.head, r.vocabulary_size, r.vocabulary_version)
 
     async def add_tags(self, tags: Sequence[str], timeout: float) -> tagger_pb2.AddTagsResponse:
-        try:
-            return await self.stub.AddTags(tagger_pb2.AddTagsRequest(tags=list(tags)), timeout=timeout)
-        except grpc.RpcError as exc:
-            raise peer_error(exc, self.peer) from None
+        return await self.writes.AddTags(tagger_pb2.AddTagsRequest(tags=list(tags)), timeout=timeout)
 
     async def remove_tags(self, tags: Sequence[str], timeout: float) -> tagger_pb2.RemoveTagsResponse:
-        try:
-            return await self.stub.RemoveTags(tagger_pb2.RemoveTagsRequest(tags=list(tags)), timeout=timeout)
-        except grpc.RpcError as exc:
-            raise peer_error(exc, self.peer) from None
+        return await self.writes.RemoveTags(tagger_pb2.RemoveTagsRequest(tags=list(tags)), timeout=timeout)
 
     async def list_tags(
-        self, tag_filter: int, page_size: int, page_token: str, timeout: float
+        self, tag_filter: int, page_size: int, page_token: str, min_version: int, timeout: float
     ) -> tagger_pb2.ListTagsResponse:
-        req = tagger_pb2.ListTagsRequest(filter=tag_filter, page_size=page_size, page_token=page_token)  # type: ignore[arg-type]
-        try:
-            return await self.stub.ListTags(req, timeout=timeout)
-        except grpc.RpcError as exc:
-            raise peer_error(exc, self.peer) from None
+        req = tagger_pb2.ListTagsRequest(
+            filter=tag_filter,  # type: ignore[arg-type]
+            page_size=page_size,
+            page_token=page_token,
+            min_vocabulary_version=min_version,
+        )
+        return await self.reads.ListTags(req, timeout=timeout)
+
+
+def _shard_heads(name: str, r: index_pb2.GetHeadStateResponse | index_pb2.SetHeadConfigResponse) -> ShardHeads:
+    return ShardHeads(
+        shard=name,
+        config=HeadConfig(r.config.epoch, r.config.active, r.config.building),
+        records=r.records,
+        vectors=dict(r.vectors_per_head),
+        last_write_ms=r.last_semantic_write_unix_ms,
+    )
+
+
+def _semantics(r: index_pb2.Record) -> dict[str, Matrix]:
+    out = {s.head: from_vector(s.vector) for s in r.semantics if s.vector.values}
+    if r.semantic_head and r.semantic.values and r.semantic_head not in out:
+        out[r.semantic_head] = from_vector(r.semantic)
+    return out
 
 
 class ShardClient:
@@ -142,7 +193,6 @@ class ShardClient:
         self.address = address
         self.channel = channel
         self.stub = index_pb2_grpc.IndexServiceStub(channel)
-        self.peer = f"index shard {name} at {address}"
 
     async def search(
         self, space: int, query: Matrix, k: int, exclude: Sequence[str], head: str, timeout: float
@@ -154,10 +204,7 @@ class ShardClient:
             exclude_ids=list(exclude),
             semantic_head=head,
         )
-        try:
-            r = await self.stub.Search(req, timeout=timeout)
-        except grpc.RpcError as exc:
-            raise peer_error(exc, self.peer) from None
+        r = await self.stub.Search(req, timeout=timeout)
         return [Hit(h.id, h.score, dict(h.metadata), h.source_name, h.shard or self.name) for h in r.hits]
 
     async def upsert(self, records: Sequence[NewRecord], timeout: float) -> list[index_pb2.WriteResult]:
@@ -166,38 +213,31 @@ class ShardClient:
                 index_pb2.Record(
                     id=r.id,
                     visual=to_vector(r.visual),
-                    semantic=to_vector(r.semantic),
+                    semantics=[
+                        index_pb2.SemanticVector(head=head, vector=to_vector(vector))
+                        for head, vector in r.semantics.items()
+                    ],
                     metadata=r.metadata,
                     source_name=r.source_name,
-                    semantic_head=r.semantic_head,
                     feature_norm=r.feature_norm,
                     top_logits=[index_pb2.ClassLogit(class_index=c, logit=v) for c, v in r.top_logits],
                 )
                 for r in records
             ]
         )
-        try:
-            resp = await self.stub.Upsert(req, timeout=timeout)
-        except grpc.RpcError as exc:
-            raise peer_error(exc, self.peer) from None
+        resp = await self.stub.Upsert(req, timeout=timeout)
         return list(resp.results)
 
     async def delete(self, ids: Sequence[str], timeout: float) -> list[index_pb2.WriteResult]:
-        try:
-            resp = await self.stub.Delete(index_pb2.DeleteRequest(ids=list(ids)), timeout=timeout)
-        except grpc.RpcError as exc:
-            raise peer_error(exc, self.peer) from None
+        resp = await self.stub.Delete(index_pb2.DeleteRequest(ids=list(ids)), timeout=timeout)
         return list(resp.results)
 
     async def get(
         self, ids: Sequence[str], include_vectors: bool, timeout: float
     ) -> tuple[list[StoredRecord], list[str]]:
-        try:
-            resp = await self.stub.Get(
-                index_pb2.GetRequest(ids=list(ids), include_vectors=include_vectors), timeout=timeout
-            )
-        except grpc.RpcError as exc:
-            raise peer_error(exc, self.peer) from None
+        resp = await self.stub.Get(
+            index_pb2.GetRequest(ids=list(ids), include_vectors=include_vectors), timeout=timeout
+        )
         records = [
             StoredRecord(
                 id=r.id,
@@ -206,40 +246,55 @@ class ShardClient:
                 created_ms=r.created_unix_ms,
                 shard=self.name,
                 visual=from_vector(r.visual) if include_vectors and r.visual.values else None,
-                semantic=from_vector(r.semantic) if include_vectors and r.semantic.values else None,
-                semantic_head=r.semantic_head,
+                semantics=_semantics(r) if include_vectors else {},
             )
             for r in resp.records
         ]
         return records, list(resp.missing_ids)
 
-    async def scan(
-        self, page_size: int, page_token: str, skip_head: str, timeout: float
-    ) -> tuple[list[index_pb2.Record], str]:
-        req = index_pb2.ScanRequest(page_size=page_size, page_token=page_token, skip_semantic_head=skip_head)
-        try:
-            resp = await self.stub.Scan(req, timeout=timeout)
-        except grpc.RpcError as exc:
-            raise peer_error(exc, self.peer) from None
-        return list(resp.records), resp.next_page_token
+    # ---- head management (HeadShard) -----------------------------------------------------------------
 
-    async def set_semantic(
-        self, updates: Sequence[tuple[str, Matrix]], head: str, timeout: float
-    ) -> list[index_pb2.WriteResult]:
+    async def head_state(self, timeout: float) -> ShardHeads:
+        return _shard_heads(self.name, await self.stub.GetHeadState(index_pb2.GetHeadStateRequest(), timeout=timeout))
+
+    async def set_head_config(self, config: HeadConfig, timeout: float) -> ShardHeads:
+        req = index_pb2.SetHeadConfigRequest(
+            config=index_pb2.HeadConfig(epoch=config.epoch, active=config.active, building=config.building)
+        )
+        return _shard_heads(self.name, await self.stub.SetHeadConfig(req, timeout=timeout))
+
+    async def scan_missing(
+        self, head: str, page_size: int, page_token: str, timeout: float
+    ) -> tuple[list[StoredSignals], str]:
+        req = index_pb2.ScanRequest(page_size=page_size, page_token=page_token, skip_semantic_head=head)
+        resp = await self.stub.Scan(req, timeout=timeout)
+        records = [
+            StoredSignals(
+                r.id,
+                from_vector(r.visual),
+                r.feature_norm,
+                [(c.class_index, c.logit) for c in r.top_logits],
+            )
+            for r in resp.records
+            if r.visual.values
+        ]
+        return records, resp.next_page_token
+
+    async def set_semantic(self, head: str, updates: Sequence[tuple[str, Matrix]], timeout: float) -> int:
         req = index_pb2.SetSemanticRequest(
             updates=[index_pb2.SemanticUpdate(id=i, semantic=to_vector(v), semantic_head=head) for i, v in updates]
         )
-        try:
-            resp = await self.stub.SetSemantic(req, timeout=timeout)
-        except grpc.RpcError as exc:
-            raise peer_error(exc, self.peer) from None
-        return list(resp.results)
+        resp = await self.stub.SetSemantic(req, timeout=timeout)
+        return sum(1 for w in resp.results if not w.HasField("error"))
 
 
-def shard_for(image_id: str, shards: Sequence[ShardClient]) -> ShardClient:
+S = TypeVar("S", bound=HeadShard)
+
+
+def shard_for(image_id: str, shards: Sequence[S]) -> S:
     """Rendezvous (highest-random-weight) hashing: stable per id, and adding a shard moves only ~1/n ids."""
 
-    def weight(shard: ShardClient) -> bytes:
+    def weight(shard: S) -> bytes:
         return hashlib.sha256(f"{shard.name}\x00{image_id}".encode()).digest()
 
     return max(shards, key=weight)

@@ -10,10 +10,12 @@ from grpc import aio
 from imgsearch.api.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from imgsearch.gateway import convert, metrics
 from imgsearch.gateway.core import Gateway
+from imgsearch.gateway.http import HttpServer
 from imgsearch.gateway.peers import ShardClient, TaggerClient
 from imgsearch.gateway.settings import GatewaySettings
-from imgsearch.kit.auth import TokenFileError, auth_interceptor
+from imgsearch.kit.auth import BearerTokenInterceptor, TokenFileError, auth_interceptor
 from imgsearch.kit.encoder_client import EncoderClient
+from imgsearch.kit.errors import InvalidArgument
 from imgsearch.kit.peers import peer_channel, timeout_for
 from imgsearch.kit.server import ServiceApp, methods_of
 from imgsearch.kit.settings import load_settings
@@ -78,46 +80,74 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     async def AddTags(self, request: gateway_pb2.AddTagsRequest, context: Ctx) -> gateway_pb2.AddTagsResponse:
         r = await self.gw.tagger.add_tags(list(request.tags), self._timeout(context))
+        self.gw.saw_vocabulary(r.vocabulary_version)
         return gateway_pb2.AddTagsResponse(results=r.results)
 
     async def RemoveTags(self, request: gateway_pb2.RemoveTagsRequest, context: Ctx) -> gateway_pb2.RemoveTagsResponse:
         r = await self.gw.tagger.remove_tags(list(request.tags), self._timeout(context))
+        self.gw.saw_vocabulary(r.vocabulary_version)
         return gateway_pb2.RemoveTagsResponse(results=r.results)
 
     async def ListTags(self, request: gateway_pb2.ListTagsRequest, context: Ctx) -> gateway_pb2.ListTagsResponse:
         r = await self.gw.tagger.list_tags(
-            request.filter, request.page_size, request.page_token, self._timeout(context)
+            request.filter, request.page_size, request.page_token, self.gw.vocabulary_version, self._timeout(context)
         )
         return gateway_pb2.ListTagsResponse(tags=r.tags, next_page_token=r.next_page_token, total=r.total)
 
     async def ListHeads(self, request: gateway_pb2.ListHeadsRequest, context: Ctx) -> gateway_pb2.ListHeadsResponse:
-        return convert.heads_response(await self.gw.tagger.list_heads(self._timeout(context)))
+        heads = self.gw.heads
+        await heads.refresh()
+        return convert.heads_response(heads.catalog.all(), heads.status())
 
     async def ActivateHead(
         self, request: gateway_pb2.ActivateHeadRequest, context: Ctx
     ) -> gateway_pb2.ActivateHeadResponse:
-        switch = await self.gw.activate_head(
-            request.head, not request.skip_reprojection, lambda: self._timeout(context)
-        )
-        return convert.activate_response(switch)
+        if request.skip_reprojection:
+            raise InvalidArgument(
+                "skip_reprojection is no longer supported: a switch always builds the new head's space, then flips"
+            )
+        return convert.activate_response(await self.gw.activate_head(request.head))
 
 
 def build_app() -> tuple[ServiceApp, GatewaySettings]:
     settings = load_settings(GatewaySettings, "gateway")
-    enc_channel = peer_channel(settings.encoder_address, settings)
-    tag_channel = peer_channel(settings.tagger_address, settings)
-    shards = [ShardClient(name, address, peer_channel(address, settings)) for name, address in settings.shards]
+    enc_channel = peer_channel(settings.encoder_address, settings, peer="the encoder")
+    tag_channel = peer_channel(settings.tagger_address, settings, peer="the tagger")
+    writer_address = settings.tagger_writer_address or settings.tagger_address
+    writer_channel = (
+        tag_channel
+        if writer_address == settings.tagger_address
+        else peer_channel(writer_address, settings, peer="the tagger's vocabulary writer")
+    )
+    shards = [
+        ShardClient(name, address, peer_channel(address, settings, peer=f"index shard {name}"))
+        for name, address in settings.shards
+    ]
     gateway = Gateway(
         settings,
         EncoderClient(enc_channel, settings.encoder_address),
-        TaggerClient(tag_channel, settings.tagger_address),
+        TaggerClient(tag_channel, writer_channel),
         shards,
     )
     service = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"]
     metrics.prime([name for name, _ in settings.shards])
 
+    servicer = GatewayServicer(gateway)
+    http: HttpServer | None = None
+
+    async def startup() -> None:
+        nonlocal http
+        await gateway.start()
+        # The HTTP/JSON API and web page (HTTP_PORT, 0: off) call the same servicer, under the same tokens.
+        if settings.http_port:
+            http = HttpServer(servicer, interceptor if isinstance(interceptor, BearerTokenInterceptor) else None)
+            await http.start()
+
     async def shutdown() -> None:
-        for ch in [enc_channel, tag_channel, *(s.channel for s in shards)]:
+        if http is not None:
+            await http.stop()
+        await gateway.close()
+        for ch in dict.fromkeys([enc_channel, tag_channel, writer_channel, *(s.channel for s in shards)]):
             await ch.close()
 
     try:
@@ -131,9 +161,12 @@ def build_app() -> tuple[ServiceApp, GatewaySettings]:
     app = ServiceApp(
         name="gateway",
         service_names=[service.full_name],
-        register=lambda server: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(gateway), server),
+        register=lambda server: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, server),
+        startup=startup,
         shutdown=shutdown,
         methods=methods_of(service),
         interceptors=[interceptor] if interceptor is not None else [],
+        # The public API: callers authenticate with public bearer tokens (above), never the internal token.
+        internal_auth=False,
     )
     return app, settings

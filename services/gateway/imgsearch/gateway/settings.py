@@ -39,9 +39,24 @@ class GatewaySettings(ServerSettings):
     port: int = Field(50050, ge=0, le=65535)
     metrics_port: int = Field(9100, ge=0, le=65535)
     encoder_address: str = Field(..., min_length=1, description="host:port of the encoder")
-    tagger_address: str = Field(..., min_length=1, description="host:port of the tagger")
+    tagger_address: str = Field(
+        ..., min_length=1, description="host:port of the tagger read replicas (tag ranking and listing)"
+    )
+    tagger_writer_address: str | None = Field(
+        None, description="host:port of the tagger that owns the vocabulary (tag edits); default TAGGER_ADDRESS"
+    )
     index_shards: str = Field(..., min_length=1, description="name=host:port of every index shard, comma-separated")
     max_k: int = Field(1000, ge=1, le=100_000)
+    max_tag_k: int = Field(200_000, ge=1, description="most tags one TagImage may return (up to the vocabulary)")
+    max_metadata_entries: int = Field(64, ge=0, description="most metadata entries per image (as the shards)")
+    max_metadata_bytes: int = Field(16 * 1024, ge=0, description="most UTF-8 bytes of metadata keys plus values")
+    heads_dir: Path = Field(Path("heads"), description="installed head files (*.npz): the only heads that can be used")
+    default_head: str = Field("default", description="head a fresh cluster starts with; falls back to conse")
+    conse_top_t: int = Field(10, ge=1, le=1000, description="ImageNet classes combined by ConSE")
+    anchor_penalty: float = Field(0.5, ge=0.0, le=1.0, description="ConSE tag-score correction")
+    head_refresh_seconds: float = Field(1.0, gt=0, description="how often the head configuration is re-read")
+    backfill_page_size: int = Field(256, ge=1, le=1000, description="images re-projected per shard call")
+    startup_timeout_seconds: float = Field(600.0, gt=0, description="how long to wait for the encoder at start")
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
     max_query_chars: int = Field(1000, ge=1)
     max_ids_per_request: int = Field(1000, ge=1)
@@ -49,6 +64,13 @@ class GatewaySettings(ServerSettings):
     add_batch_size: int = Field(16, ge=1, le=256, description="streamed images encoded per encoder call")
     auth_tokens_file: Path | None = Field(None, description="bearer tokens (one per line) required on writes")
     auth_reads: bool = Field(False, description="also require a token on searches and reads")
+    http_host: str = Field("127.0.0.1", description="address the HTTP/JSON API and web page bind")
+    http_port: int = Field(
+        0, ge=0, le=65535, description="port of the HTTP/JSON API and web page, served beside gRPC; 0 turns it off"
+    )
+    http_max_body_mb: int = Field(
+        256, ge=1, le=16 * 1024, description="largest HTTP request body (all uploaded files together)"
+    )
 
     @field_validator("index_shards")
     @classmethod
