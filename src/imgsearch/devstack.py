@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from imgsearch.models.manifest import MANIFEST_NAME, default_model_dir
 
 DEFAULT_PORT_BASE = 50050
+HTTP_PORT = "IMGSEARCH_GATEWAY_HTTP_PORT"
 DEFAULT_METRICS_BASE = 9100
 LOG_TAIL_LINES = 20
 
@@ -105,6 +106,9 @@ def plan(state_dir: Path, port_base: int, metrics_base: int, shards: int, model_
                 "IMGSEARCH_GATEWAY_ENCODER_ADDRESS": encoder,
                 "IMGSEARCH_GATEWAY_TAGGER_ADDRESS": tagger,
                 "IMGSEARCH_GATEWAY_INDEX_SHARDS": ",".join(f"{s.name}={s.address}" for s in shard_specs),
+                # The HTTP/JSON API and the web page, next to gRPC (PORT_BASE + 3).
+                "IMGSEARCH_GATEWAY_HTTP_HOST": "127.0.0.1",
+                "IMGSEARCH_GATEWAY_HTTP_PORT": str(port_base + 3),
                 # The gateway projects in process, so it loads the same installed heads as the tagger.
                 "IMGSEARCH_GATEWAY_HEADS_DIR": str(
                     Path(os.environ.get("IMGSEARCH_TAGGER_HEADS_DIR", "heads")).resolve()
@@ -158,6 +162,7 @@ def port_free(port: int) -> bool:
 def stack_ports(specs: list[ServiceSpec]) -> list[tuple[int, str]]:
     """Every port a stack binds, with what binds it."""
     ports = [(s.port, s.name) for s in specs]
+    ports += [(int(s.env[HTTP_PORT]), f"{s.name} http") for s in specs if s.env.get(HTTP_PORT, "0") != "0"]
     return ports + [(s.metrics_port, f"{s.name} metrics") for s in specs]
 
 
@@ -446,13 +451,14 @@ def stop_pids(pids: list[int], grace: float) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
-def usage_text(gateway: str, state_dir: Path) -> str:
+def usage_text(gateway: str, state_dir: Path, web: str = "") -> str:
     g = state_dir / "gallery"
     # The CLI dials 127.0.0.1:50050 unless told otherwise: on other ports every hint must say where.
     cmd = "imgsearch" if gateway == f"127.0.0.1:{DEFAULT_PORT_BASE}" else f"imgsearch --address {gateway}"
     env = "" if gateway == f"127.0.0.1:{DEFAULT_PORT_BASE}" else f"\n(or `export IMGSEARCH_ADDRESS={gateway}` once)"
+    page = f"\nWeb page and HTTP API: {web} (OpenAPI at {web}openapi.json)" if web else ""
     return f"""
-imgsearch is up: gateway at {gateway} (logs in {state_dir / "logs"}).
+imgsearch is up: gateway at {gateway} (logs in {state_dir / "logs"}).{page}
 Try, in another terminal (after `. .venv/bin/activate`):{env}
   {cmd} tag {g}/cat.png
   {cmd} tags add feline && {cmd} tag {g}/cat.png
@@ -511,12 +517,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{spec.name} restarted (pid {spec.pid})")
             return 0
         specs = stack.up(args.port_base, args.metrics_base, args.shards, args.timeout, args.command)
-        gateway = next(s for s in specs if s.name == "gateway").address
+        gateway_spec = next(s for s in specs if s.name == "gateway")
+        gateway = gateway_spec.address
+        web = f"http://127.0.0.1:{gateway_spec.env[HTTP_PORT]}/" if gateway_spec.env.get(HTTP_PORT, "0") != "0" else ""
         if not args.no_gallery:
             added = stack.index_gallery(gateway)
             if added:
                 print(f"indexed {added} sample photos")
-        print(usage_text(gateway, stack.state_dir))
+        print(usage_text(gateway, stack.state_dir, web))
         if args.command == "up":
             return 0
         print("Press Ctrl-C to stop.")

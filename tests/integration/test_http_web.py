@@ -33,7 +33,7 @@ from tests.unit.test_http_api import HttpClient
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
-README_PORT = "http://127.0.0.1:8080"
+README_PORT = "http://127.0.0.1:50053"
 TOKEN = "http-test-token"
 
 

@@ -137,6 +137,13 @@ def test_replica_reads_its_writes_survives_a_writer_crash_and_catches_up(
             "feline",
             "kitten toy",
         ]
+
+        # SIGTERM with two replicas attached: the drain ends their change feeds at once instead of
+        # waiting out the grace period (10 s) for streams that never end by themselves.
+        started = time.monotonic()
+        assert writer.stop(timeout=30) == 0
+        assert time.monotonic() - started < 8, "the writer's drain waited for the replicas' streams"
+        assert [t.tag for t in unseen(r, image).tags], "replicas keep tagging after the writer left"
     finally:
         for proc in (late, reader, writer):
             proc.stop()

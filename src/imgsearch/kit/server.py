@@ -42,6 +42,9 @@ class ServiceApp:
     startup: Callable[[], Awaitable[None]] = _nothing
     # Runs after in-flight calls drained: flush, snapshot, close.
     shutdown: Callable[[], Awaitable[None]] = _nothing
+    # Runs when draining starts, before in-flight calls are awaited: stop other listeners (HTTP), end
+    # long-lived streams that would otherwise hold the drain for the whole grace period.
+    draining: Callable[[], Awaitable[None]] = _nothing
     # gRPC methods to pre-create metric series for: (service, method, kind).
     methods: list[tuple[str, str, str]] = field(default_factory=list)
     version: str = "0.1.0"
@@ -166,7 +169,7 @@ class Runner:
         """Stop taking calls, let in-flight ones finish within the grace period, then shut down."""
         log.info("draining", extra={"grace_seconds": self.settings.grace_seconds})
         await self._set_health(NOT_SERVING)
-        await self.server.stop(self.settings.grace_seconds)
+        await asyncio.gather(self.app.draining(), self.server.stop(self.settings.grace_seconds))
         if self.health_server is not None:
             await self.health_server.stop(0)
         await self.app.shutdown()

@@ -143,9 +143,12 @@ def build_app() -> tuple[ServiceApp, GatewaySettings]:
             http = HttpServer(servicer, interceptor if isinstance(interceptor, BearerTokenInterceptor) else None)
             await http.start()
 
-    async def shutdown() -> None:
+    async def draining() -> None:
+        # HTTP drains alongside gRPC: it stops taking requests and finishes those in flight.
         if http is not None:
             await http.stop()
+
+    async def shutdown() -> None:
         await gateway.close()
         for ch in dict.fromkeys([enc_channel, tag_channel, writer_channel, *(s.channel for s in shards)]):
             await ch.close()
@@ -163,6 +166,7 @@ def build_app() -> tuple[ServiceApp, GatewaySettings]:
         service_names=[service.full_name],
         register=lambda server: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, server),
         startup=startup,
+        draining=draining,
         shutdown=shutdown,
         methods=methods_of(service),
         interceptors=[interceptor] if interceptor is not None else [],

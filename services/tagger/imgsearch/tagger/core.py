@@ -434,6 +434,25 @@ class Tagger:
 class _Watcher:
     queue: asyncio.Queue[VocabUpdate] = field(default_factory=lambda: asyncio.Queue(WATCH_QUEUE))
     overflowed: bool = False
+    # Set when the writer drains: the stream ends cleanly and the replica reconnects to the next writer.
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+async def _next_or_end(watcher: _Watcher, timeout: float) -> VocabUpdate | None:
+    """The watcher's next change, None once it was ended; TimeoutError when idle for `timeout`."""
+    get = asyncio.ensure_future(watcher.queue.get())
+    end = asyncio.ensure_future(watcher.ended.wait())
+    try:
+        done, _ = await asyncio.wait({get, end}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (get, end):
+            if not task.done():
+                task.cancel()
+    if get in done:
+        return get.result()
+    if end in done:
+        return None
+    raise TimeoutError
 
 
 class VocabularyWriter(Tagger):
@@ -672,8 +691,10 @@ class VocabularyWriter(Tagger):
             # A stream lives for hours: do not pin the snapshot it started from.
             del vocab
             while True:
+                if watcher.ended.is_set():
+                    return
                 try:
-                    update = await asyncio.wait_for(watcher.queue.get(), WATCH_HEARTBEAT_SECONDS)
+                    update = await _next_or_end(watcher, WATCH_HEARTBEAT_SECONDS)
                 except TimeoutError:
                     # An empty queue means the watcher has every change: the current version is its own.
                     now = self.vocabulary
@@ -683,10 +704,17 @@ class VocabularyWriter(Tagger):
                     raise Unavailable(
                         f"this watcher fell more than {WATCH_QUEUE} changes behind; reconnect for a fresh snapshot"
                     )
+                if update is None:
+                    return
                 yield update
         finally:
             self._watchers.discard(watcher)
             metrics.WATCHERS.dec()
+
+    def end_watches(self) -> None:
+        """End every change feed now (at drain), so open streams do not hold the shutdown for its grace."""
+        for watcher in self._watchers:
+            watcher.ended.set()
 
     async def close(self) -> None:
         self.store.close()

@@ -117,17 +117,21 @@ class TaggerServicer(tagger_pb2_grpc.TaggerServiceServicer):
 
 def build_app() -> tuple[ServiceApp, TaggerSettings]:
     settings = load_settings(TaggerSettings, "tagger")
-    channels = [peer_channel(settings.encoder_address, settings)]
+    channels = [peer_channel(settings.encoder_address, settings, peer="the encoder")]
     source = EncoderClient(channels[0], settings.encoder_address)
     tagger: Tagger
     if settings.role == "reader":
         assert settings.writer_address is not None  # the settings validator requires it for a reader
-        channels.append(peer_channel(settings.writer_address, settings))
+        channels.append(peer_channel(settings.writer_address, settings, peer="the tagger's vocabulary writer"))
         writer = WriterClient(channels[1], settings.writer_address, replica=socket.gethostname())
         tagger = ReadReplica(settings, source, writer)
     else:
         tagger = VocabularyWriter(settings, source)
     service = tagger_pb2.DESCRIPTOR.services_by_name["TaggerService"]
+
+    async def draining() -> None:
+        if isinstance(tagger, VocabularyWriter):
+            tagger.end_watches()
 
     async def shutdown() -> None:
         await tagger.close()
@@ -139,6 +143,7 @@ def build_app() -> tuple[ServiceApp, TaggerSettings]:
         service_names=[service.full_name],
         register=lambda server: tagger_pb2_grpc.add_TaggerServiceServicer_to_server(TaggerServicer(tagger), server),
         startup=tagger.start,
+        draining=draining,
         shutdown=shutdown,
         methods=methods_of(service),
     )
