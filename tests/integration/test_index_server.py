@@ -197,7 +197,7 @@ def test_upsert_search_get_delete_stats(stub: index_pb2_grpc.IndexServiceStub) -
     assert list(get.missing_ids) == ["missing"]
     assert get.records[0].semantic_head == HEAD
     assert get.records[0].created_unix_ms > 0
-    np.testing.assert_allclose(get.records[0].visual.values, model.visual["rt3"], atol=1e-6)
+    np.testing.assert_allclose(get.records[0].visual.values, model.visual["rt3"], atol=2e-3)
     plain = stub.Get(index_pb2.GetRequest(ids=["rt3"]), timeout=10)
     assert not plain.records[0].HasField("visual")
 
@@ -325,8 +325,8 @@ def test_scan_and_set_semantic(server: ServiceProcess, stub: index_pb2_grpc.Inde
         assert signals_of(r) == signals_of(sent[id_])
         assert (r.semantic_head, dict(r.metadata), r.source_name) == (HEAD, model.meta[id_], f"/photos/{id_}.jpg")
         assert r.created_unix_ms > 0
-        np.testing.assert_allclose(r.visual.values, model.visual[id_], atol=1e-6)
-        np.testing.assert_allclose(r.semantic.values, model.semantic[id_], atol=1e-6)
+        np.testing.assert_allclose(r.visual.values, model.visual[id_], atol=2e-3)
+        np.testing.assert_allclose(r.semantic.values, model.semantic[id_], atol=2e-3)
 
     moved = {f"rp{i}": rng.normal(size=SD).astype(np.float32) for i in range(10)}
     updates = [index_pb2.SemanticUpdate(id=i, semantic=vector(v), semantic_head=NEW_HEAD) for i, v in moved.items()]
@@ -352,19 +352,19 @@ def test_scan_and_set_semantic(server: ServiceProcess, stub: index_pb2_grpc.Inde
         ).hits
         want = semantic_top(new_pool, q, 5)
         assert [h.id for h in hits] == [i for i, _ in want]
-        np.testing.assert_allclose([h.score for h in hits], [s for _, s in want], atol=1e-5)
+        np.testing.assert_allclose([h.score for h in hits], [s for _, s in want], atol=2e-3)
     stats = stub.Stats(index_pb2.StatsRequest(), timeout=10)
     # The new head's vector is added next to the old one's.
     assert dict(stats.semantic_heads) == {HEAD: stats.count, NEW_HEAD: 10}
     after = stub.Get(index_pb2.GetRequest(ids=list(moved), include_vectors=True), timeout=10).records
     for r in after:
         assert [s.head for s in r.semantics] == [HEAD, NEW_HEAD]
-        np.testing.assert_allclose(r.semantics[0].vector.values, model.semantic[r.id], atol=1e-6)
-        np.testing.assert_allclose(r.semantics[1].vector.values, new_pool[r.id], atol=1e-6)
+        np.testing.assert_allclose(r.semantics[0].vector.values, model.semantic[r.id], atol=2e-3)
+        np.testing.assert_allclose(r.semantics[1].vector.values, new_pool[r.id], atol=2e-3)
         # Legacy readers: without a head configuration, the first head by name.
         assert r.semantic_head == HEAD
-        np.testing.assert_allclose(r.semantic.values, model.semantic[r.id], atol=1e-6)
-        np.testing.assert_allclose(r.visual.values, model.visual[r.id], atol=1e-6)
+        np.testing.assert_allclose(r.semantic.values, model.semantic[r.id], atol=2e-3)
+        np.testing.assert_allclose(r.visual.values, model.visual[r.id], atol=2e-3)
         assert signals_of(r) == signals_of(sent[r.id])
         assert dict(r.metadata) == model.meta[r.id]
     # Resuming a re-projection: the records already moved are not scanned again.
@@ -442,8 +442,8 @@ def test_sigkill_right_after_acks_loses_nothing(tmp_path: Path) -> None:
         assert {r.id for r in got.records} == set(model.visual)
         for r in got.records:
             assert dict(r.metadata) == model.meta[r.id]
-            np.testing.assert_allclose(r.visual.values, model.visual[r.id], atol=1e-6)
-            np.testing.assert_allclose(r.semantic.values, model.semantic[r.id], atol=1e-6)
+            np.testing.assert_allclose(r.visual.values, model.visual[r.id], atol=2e-3)
+            np.testing.assert_allclose(r.semantic.values, model.semantic[r.id], atol=2e-3)
         for q, want in zip(queries, before, strict=True):
             resp = stub.Search(
                 index_pb2.SearchRequest(space=common_pb2.SPACE_VISUAL, query=vector(q), k=10), timeout=10
@@ -500,8 +500,8 @@ def test_sigkill_right_after_set_semantic_loses_nothing(tmp_path: Path) -> None:
             expected = {HEAD: model.semantic[r.id], **({NEW_HEAD: moved[r.id]} if r.id in moved else {})}
             assert [s.head for s in r.semantics] == sorted(expected)
             for s in r.semantics:
-                np.testing.assert_allclose(s.vector.values, expected[s.head], atol=1e-6)
-            np.testing.assert_allclose(r.visual.values, model.visual[r.id], atol=1e-6)
+                np.testing.assert_allclose(s.vector.values, expected[s.head], atol=2e-3)
+            np.testing.assert_allclose(r.visual.values, model.visual[r.id], atol=2e-3)
             assert signals_of(r) == signals_of(sent[r.id])
             assert dict(r.metadata) == model.meta[r.id]
         assert dict(stub.Stats(index_pb2.StatsRequest(), timeout=10).semantic_heads) == {HEAD: 60, NEW_HEAD: 30}
@@ -516,7 +516,7 @@ def test_sigkill_right_after_set_semantic_loses_nothing(tmp_path: Path) -> None:
             ).hits
             want = semantic_top(pool, q, 10)
             assert [h.id for h in hits] == [i for i, _ in want]
-            np.testing.assert_allclose([h.score for h in hits], [s for _, s in want], atol=1e-5)
+            np.testing.assert_allclose([h.score for h in hits], [s for _, s in want], atol=2e-3)
     finally:
         channel.close()
         assert proc.stop() == 0
@@ -585,7 +585,7 @@ def test_head_config_is_durable_and_enforced_across_sigkill(tmp_path: Path) -> N
         # Legacy readers see the active head's vector.
         got = stub.Get(index_pb2.GetRequest(ids=["h0"], include_vectors=True), timeout=10).records[0]
         assert got.semantic_head == HEAD
-        np.testing.assert_allclose(got.semantic.values, model.semantic["h0"], atol=1e-6)
+        np.testing.assert_allclose(got.semantic.values, model.semantic["h0"], atol=2e-3)
         flipped = set_config(6, NEW_HEAD)
         assert (flipped.config.epoch, flipped.config.active, dict(flipped.vectors_per_head)[NEW_HEAD]) == (
             6,

@@ -42,6 +42,11 @@ def settings(path: Path, **overrides: Any) -> IndexSettings:
     return IndexSettings(**base)
 
 
+def f16(vec: np.ndarray) -> np.ndarray:
+    """What the shard stores of a normalised vector: float16 (schema 4), so ties break the same way."""
+    return vec.astype(np.float32).astype(np.float16).astype(np.float64)
+
+
 class Truth:
     """What the shard should hold, kept independently with numpy: the ground truth for exact search."""
 
@@ -55,7 +60,7 @@ class Truth:
         self.visual.pop(rec.id, None)
         self.semantic.pop(rec.id, None)
         if rec.visual is not None:
-            self.visual[rec.id] = rec.visual / np.linalg.norm(rec.visual.astype(np.float64))
+            self.visual[rec.id] = f16(rec.visual / np.linalg.norm(rec.visual.astype(np.float64)))
         pairs = [(rec.semantic_head, rec.semantic)] if rec.semantic is not None else []
         for head, vec in [*pairs, *rec.semantics]:
             assert vec is not None
@@ -63,7 +68,7 @@ class Truth:
         self.meta[rec.id] = dict(rec.metadata)
 
     def set_semantic(self, id_: str, head: str, vec: np.ndarray) -> None:
-        self.semantic.setdefault(id_, {})[head] = vec / np.linalg.norm(vec.astype(np.float64))
+        self.semantic.setdefault(id_, {})[head] = f16(vec / np.linalg.norm(vec.astype(np.float64)))
 
     def drop(self, id_: str) -> None:
         self.visual.pop(id_, None)
@@ -130,7 +135,7 @@ def assert_matches(
         got = idx.search(space, q, k, semantic_head=head)
         want = truth.top(space, q, k, head=head or None)
         assert [h.id for h in got.hits] == [i for i, _ in want]
-        np.testing.assert_allclose([h.score for h in got.hits], [s for _, s in want], atol=1e-5)
+        np.testing.assert_allclose([h.score for h in got.hits], [s for _, s in want], atol=2e-3)
         for h in got.hits:
             assert h.metadata == truth.meta[h.id]
 
@@ -166,7 +171,7 @@ def test_upsert_reports_new_ids_and_replacements(shard: ShardIndex, rng: np.rand
     assert [r.metadata for r in found] == [{"v": "2"}, {"v": "2"}]
     assert missing == []
     assert found[1].visual is not None
-    np.testing.assert_allclose(found[1].visual, vis(twice[1]) / np.linalg.norm(vis(twice[1])), atol=1e-6)
+    np.testing.assert_allclose(found[1].visual, vis(twice[1]) / np.linalg.norm(vis(twice[1])), atol=2e-3)
     assert shard.stats().count == 2
 
 
@@ -203,7 +208,7 @@ def test_delete_and_reinsert_in_one_batch_keeps_the_id_findable(shard: ShardInde
     truth.put(back)
     hit = shard.search(Space.VISUAL, vis(back), 1)
     assert hit.hits[0].id == "img0"
-    assert hit.hits[0].score == pytest.approx(1.0, abs=1e-5)
+    assert hit.hits[0].score == pytest.approx(1.0, abs=2e-3)
     assert shard.stats().count == 3
 
 
@@ -275,8 +280,8 @@ def test_vectors_are_normalised_on_the_way_in(shard: ShardIndex, rng: np.random.
     assert shard.upsert([big])[0].error is None
     (stored,), _ = shard.get(["big"], include_vectors=True)
     assert stored.visual is not None
-    assert np.linalg.norm(stored.visual) == pytest.approx(1.0, abs=1e-6)
-    assert shard.search(Space.VISUAL, vis(big), 1).hits[0].score == pytest.approx(1.0, abs=1e-5)
+    assert np.linalg.norm(stored.visual) == pytest.approx(1.0, abs=2e-3)
+    assert shard.search(Space.VISUAL, vis(big), 1).hits[0].score == pytest.approx(1.0, abs=2e-3)
 
 
 def test_too_many_records_is_resource_exhausted_and_stores_nothing(tmp_path: Path, rng: np.random.Generator) -> None:
@@ -956,7 +961,7 @@ def test_set_semantic_adds_a_head_and_keeps_the_others(shard: ShardIndex, rng: n
         assert u.semantic is not None
         (hit,) = shard.search(Space.SEMANTIC, u.semantic, 1, semantic_head="proj@2").hits
         assert hit.id == u.id
-        assert hit.score == pytest.approx(1.0, abs=1e-5)
+        assert hit.score == pytest.approx(1.0, abs=2e-3)
 
     after = {r.id: r for r in shard.get(list(before), include_vectors=True)[0]}
     for id_, was in before.items():
@@ -972,7 +977,7 @@ def test_set_semantic_adds_a_head_and_keeps_the_others(shard: ShardIndex, rng: n
         np.testing.assert_array_equal(now.visual, was.visual)
         assert now.heads == tuple(sorted(truth.semantic.get(id_, {})))
         for head, vec in truth.semantic.get(id_, {}).items():
-            np.testing.assert_allclose(now.semantics[head], vec, atol=1e-6)
+            np.testing.assert_allclose(now.semantics[head], vec, atol=2e-3)
         if was.semantic is not None:
             np.testing.assert_array_equal(now.semantics[HEAD], was.semantic)
         # Without a head configuration, the legacy fields show the first head by name.
@@ -1082,7 +1087,7 @@ def test_set_semantic_survives_reopen_snapshot_replay_and_rebuild(tmp_path: Path
             assert_matches(shard, truth, rng, Space.SEMANTIC, head, k=70, queries=3)
         (img0,), _ = shard.get(["img0"], include_vectors=True)
         assert img0.heads == (HEAD, "proj@2", "proj@3")
-        np.testing.assert_allclose(img0.semantics["proj@3"], truth.semantic["img0"]["proj@3"], atol=1e-6)
+        np.testing.assert_allclose(img0.semantics["proj@3"], truth.semantic["img0"]["proj@3"], atol=2e-3)
 
     idx.close(final_snapshot=False)
     idx = ShardIndex(settings(tmp_path / "s"))
@@ -1192,7 +1197,7 @@ def test_an_old_schema_database_is_upgraded_and_keeps_its_data(tmp_path: Path, r
     meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
     columns = [row[1] for row in db.execute("PRAGMA table_info(vectors)")]
     db.close()
-    assert (meta["schema_version"], meta["shard_uuid"]) == ("3", shard_uuid)
+    assert (meta["schema_version"], meta["shard_uuid"]) == ("4", shard_uuid)
     assert columns == ["label", "visual", "feature_norm", "top_logits"]
     idx = ShardIndex(settings(tmp_path / "s"))
     try:

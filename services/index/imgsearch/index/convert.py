@@ -7,11 +7,13 @@ import numpy as np
 from imgsearch.api.common.v1 import common_pb2
 from imgsearch.api.index.v1 import index_pb2
 from imgsearch.index.core import (
+    Cursor,
     HeadConfig,
     HeadState,
     Hit,
     RecordInput,
     ScanPage,
+    SearchFilter,
     SearchResult,
     SemanticInput,
     ShardStats,
@@ -77,6 +79,25 @@ def query(request: index_pb2.SearchRequest) -> Vector:
     return _array(request.query)
 
 
+def search_filter(request: index_pb2.SearchRequest) -> SearchFilter | None:
+    if not request.HasField("filter"):
+        return None
+    f = request.filter
+    return SearchFilter(
+        terms=[(t.key, list(t.values)) for t in f.terms],
+        created_after_ms=f.created_after_unix_ms,
+        created_before_ms=f.created_before_unix_ms,
+    )
+
+
+def min_score(request: index_pb2.SearchRequest) -> float | None:
+    return request.min_score if request.HasField("min_score") else None
+
+
+def cursor(request: index_pb2.SearchRequest) -> Cursor | None:
+    return Cursor(score=request.after.score, id=request.after.id) if request.HasField("after") else None
+
+
 def hit(h: Hit, shard: str) -> common_pb2.SearchHit:
     return common_pb2.SearchHit(id=h.id, score=h.score, metadata=h.metadata, source_name=h.source_name, shard=shard)
 
@@ -120,6 +141,7 @@ def stats_response(stats: ShardStats) -> index_pb2.StatsResponse:
         index_type=stats.index_type,
         last_snapshot_unix_ms=stats.last_snapshot_unix_ms,
         wal_entries=stats.wal_entries,
+        served_index_types=stats.served_index_types,
     )
 
 

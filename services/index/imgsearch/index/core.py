@@ -43,7 +43,9 @@ import time
 from collections.abc import Callable, Sequence
 
 from imgsearch.index import metrics, recovery
-from imgsearch.index.indexes import INDEX_KINDS, VectorSpace, gpu_count
+from imgsearch.index.ann import SegmentedSpace
+from imgsearch.index.builder import Builder
+from imgsearch.index.indexes import INDEX_KINDS, Labels, gpu_count
 from imgsearch.index.scan import PageTokens, ScanPage
 from imgsearch.index.settings import IndexSettings
 from imgsearch.index.snapshots import Snapshots
@@ -52,11 +54,13 @@ from imgsearch.index.store import DeleteOp, Op, Store, StoredRecord, UpsertOp
 from imgsearch.index.types import (
     SCAN_DEFAULT_PAGE,
     SCAN_MAX_PAGE,
+    Cursor,
     HeadConfig,
     HeadState,
     Hit,
     LoadReport,
     RecordInput,
+    SearchFilter,
     SearchResult,
     SemanticInput,
     ShardStats,
@@ -78,12 +82,14 @@ from imgsearch.kit.errors import (
 from imgsearch.kit.locks import RWLock
 
 __all__ = [
+    "Cursor",
     "HeadConfig",
     "HeadState",
     "Hit",
     "LoadReport",
     "RecordInput",
     "ScanPage",
+    "SearchFilter",
     "SearchResult",
     "SemanticInput",
     "ShardIndex",
@@ -122,6 +128,7 @@ class ShardIndex:
         self._snapshots = Snapshots(
             self._memory, self._store, self.directory, self._lock, self._write_mutex, self.shard, self._publish_locked
         )
+        self._builder = Builder(self._memory, self._store, self._lock, self.shard)
         self._publish()
         metrics.SNAPSHOT_AGE.labels(self.shard).set_function(self.snapshot_age_seconds)
         # Zero-valued series from the start, so dashboards and rate() see them before traffic.
@@ -130,6 +137,8 @@ class ShardIndex:
         for space in Space:
             metrics.SEARCH_SECONDS.labels(self.shard, space.value, self.kind.name)
         self._snapshots.start()
+        if settings.background_build:
+            self._builder.start()
         log.info(
             "shard loaded",
             extra={
@@ -249,6 +258,7 @@ class ShardIndex:
                     self._last_semantic_ms = outcome.semantic_ms
                 self._publish_locked()
         self._snapshots.poke()
+        self._builder.poke()
         return admitted, changed
 
     # --- head configuration ---
@@ -303,38 +313,93 @@ class ShardIndex:
         k: int,
         exclude_ids: Sequence[str] = (),
         semantic_head: str = "",
+        where: SearchFilter | None = None,
+        min_score: float | None = None,
+        after: Cursor | None = None,
     ) -> SearchResult:
-        """The k stored vectors of one space with the highest inner product with the normalised query."""
+        """The k stored vectors of one space with the highest inner product with the normalised query.
+
+        `where` restricts the search to matching records (inside the index search, so k is filled whenever k
+        records match; none matching is an empty answer). `min_score` drops hits scoring below it. `after` is a
+        paging cursor: only hits ranked strictly after it by (score desc, id asc) are returned.
+        """
         self._check_open()
         check_k(k, self.settings.max_k)
         if len(exclude_ids) > self.settings.max_exclude_ids:
             raise ResourceExhausted(f"{len(exclude_ids)} exclude_ids, at most {self.settings.max_exclude_ids} allowed")
         dim = self.settings.visual_dim if space is Space.VISUAL else self.settings.semantic_dim
         q = unit(query, dim, f"query for the {space.value} space")[None, :]
+        if where is not None:
+            self._validator.search_filter(where)
+            if where.empty:
+                where = None
         t0 = time.perf_counter()
+        allowed = None
+        if where is not None:
+            allowed = self._store.filter_labels(where.terms, where.created_after_ms, where.created_before_ms)
         with self._lock.read():
             index, head = self._pick(space, semantic_head)
             if index is None or index.ntotal == 0:
                 return SearchResult(hits=[], searched=0, space=space, head=head)
-            ids = self._memory.ids
-            excluded = {ids[i] for i in exclude_ids if i in ids}
             searched = index.ntotal
-            scores, labels = index.search(q, min(k + len(excluded), searched))
-        ranked = [
-            (int(label), float(score))
-            for score, label in zip(scores[0], labels[0], strict=True)
-            if label >= 0 and int(label) not in excluded
-        ][:k]
-        found = self._store.fetch([label for label, _ in ranked])
-        hits = [
-            Hit(id=rec.id, score=score, metadata=rec.metadata, source_name=rec.source_name)
-            for label, score in ranked
-            if (rec := found.get(label)) is not None
-        ]
-        metrics.SEARCH_SECONDS.labels(self.shard, space.value, self.kind.name).observe(time.perf_counter() - t0)
+        if allowed is not None and allowed.shape[0] == 0:
+            return SearchResult(hits=[], searched=searched, space=space, head=head)
+        hits = self._ranked(index, q, k, exclude_ids, where, allowed, min_score, after)
+        kind = index.served_kind
+        metrics.SEARCH_SECONDS.labels(self.shard, space.value, kind).observe(time.perf_counter() - t0)
         return SearchResult(hits=hits, searched=searched, space=space, head=head)
 
-    def _pick(self, space: Space, head: str) -> tuple[VectorSpace | None, str | None]:
+    def _ranked(
+        self,
+        index: SegmentedSpace,
+        q: Vector,
+        k: int,
+        exclude_ids: Sequence[str],
+        where: SearchFilter | None,
+        allowed: Labels | None,
+        min_score: float | None,
+        after: Cursor | None,
+    ) -> list[Hit]:
+        """Search with a growing depth until k hits pass the cursor, min_score and exclusions (or none are left)."""
+        want = k
+        while True:
+            with self._lock.read():
+                slots = self._memory.slots
+                ids = self._memory.ids
+                excluded = {ids[i] for i in exclude_ids if i in ids}
+                total = index.ntotal
+                depth = min(want + len(excluded), total)
+                rerank = index.reranks
+                deep = max(depth, self.settings.rerank) if rerank else depth
+                scores, labels = index.search(q, min(deep, total), allowed, exact=after is not None)
+                named = [
+                    (int(lb), float(sc), slots[int(lb)].id)
+                    for sc, lb in zip(scores, labels, strict=True)
+                    if int(lb) in slots and int(lb) not in excluded
+                ]
+            if rerank and named:
+                exact = self._store.visual_vectors([lb for lb, _, _ in named])
+                named = [(lb, float(exact[lb] @ q[0]), i) for lb, _, i in named if lb in exact]
+            named.sort(key=lambda t: (-t[1], t[2]))
+            exhausted = depth >= total or len(scores) < min(deep, total)
+            passing = [
+                t
+                for t in named
+                if (min_score is None or t[1] >= min_score) and (after is None or after.before(t[1], t[2]))
+            ]
+            last_low = bool(named) and min_score is not None and named[-1][1] < min_score
+            if len(passing) >= k or exhausted or last_low:
+                break
+            want *= 4
+        ranked = passing[:k]
+        found = self._store.fetch([label for label, _, _ in ranked])
+        return [
+            Hit(id=rec.id, score=score, metadata=rec.metadata, source_name=rec.source_name)
+            for label, score, _ in ranked
+            if (rec := found.get(label)) is not None and (where is None or where.matches(rec.metadata, rec.created_ms))
+        ]
+
+    def _pick(self, space: Space, head: str) -> tuple[SegmentedSpace | None, str | None]:
         """The index a query searches (see the module docstring for the semantic head policy)."""
         memory = self._memory
         if space is Space.VISUAL:
@@ -394,12 +459,27 @@ class ShardIndex:
                 index_type=self.kind.name,
                 last_snapshot_unix_ms=memory.snapshot_ms,
                 wal_entries=memory.wal,
+                served_index_types={
+                    "visual": memory.visual.served_kind,
+                    **{f"semantic:{h}": sp.served_kind for h, sp in memory.semantic.items()},
+                },
             )
 
     # --- snapshots and lifecycle ---
 
     def snapshot_age_seconds(self) -> float:
         return self._snapshots.age_seconds()
+
+    def build_indexes(self) -> int:
+        """Build every approximate index that is due now, on the calling thread (tests, benchmarks)."""
+        return self._builder.run_once()
+
+    def index_kinds(self) -> dict[str, str]:
+        """What each space is searched with now: 'Flat' (exact) or its approximate kind once built."""
+        with self._lock.read():
+            out = {"visual": self._memory.visual.served_kind}
+            out.update({f"semantic:{h}": s.served_kind for h, s in self._memory.semantic.items()})
+            return out
 
     def snapshot(self, force: bool = False) -> bool:
         """Write a snapshot if anything changed since the last one (or if forced); True if one was written."""
@@ -409,6 +489,7 @@ class ShardIndex:
         """Stop the snapshot thread, write a final snapshot (unless told not to) and close the database."""
         if self._closed:
             return
+        self._builder.stop()
         self._snapshots.stop()
         try:
             if final_snapshot:

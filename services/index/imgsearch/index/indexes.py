@@ -108,8 +108,19 @@ class VectorSpace:
         if self.use_gpu and self._gpu is None:
             self._gpu = faiss.index_cpu_to_all_gpus(self.cpu)
 
-    def search(self, query: Matrix, k: int) -> tuple[npt.NDArray[np.float32], Labels]:
-        """Top-k (scores, labels) for each query row; missing results have label -1."""
+    def search(self, query: Matrix, k: int, allowed: Labels | None = None) -> tuple[npt.NDArray[np.float32], Labels]:
+        """Top-k (scores, labels) for each query row; missing results have label -1.
+
+        `allowed`: only these labels may be returned (an IDSelector on the CPU master; GPU replicas take none).
+        """
+        if allowed is not None:
+            ids = np.ascontiguousarray(allowed, dtype=np.int64)
+            params = faiss.SearchParameters()
+            params.sel = faiss.IDSelectorBatch(ids.shape[0], faiss.swig_ptr(ids))
+            if self.search_threads > 0:
+                faiss.omp_set_num_threads(self.search_threads)
+            scores, labels = self.cpu.search(query, k, params=params)
+            return scores, labels
         if self._gpu is not None:
             with self._gpu_lock:
                 scores, labels = self._gpu.search(query, k)

@@ -35,6 +35,8 @@ def load(memory: Memory, store: Store, directory: Path, shard: str) -> LoadRepor
             semantic_dim=settings.semantic_dim,
             max_seq=last_seq,
             min_seq=store.pruned_seq(),
+            visual_kind=settings.visual_index,
+            semantic_kind=settings.semantic_index,
         )
         try:
             snap = snapshot.load(newest, expected)
@@ -45,7 +47,9 @@ def load(memory: Memory, store: Store, directory: Path, shard: str) -> LoadRepor
             if problem is not None:
                 raise snapshot.SnapshotError(f"{newest.name}: after replay, {problem}")
             memory.snapshot_seq, memory.snapshot_ms, memory.wal = snap.seq, snap.created_ms, n_changes
-            memory.snapshot_needed = n_changes >= settings.snapshot_every
+            memory.snapshot_needed = n_changes >= max(
+                settings.snapshot_every, settings.snapshot_growth * len(memory.slots)
+            )
             return LoadReport("snapshot", time.perf_counter() - t0, len(memory.slots), n_changes)
         except snapshot.SnapshotError as exc:
             reason = str(exc)

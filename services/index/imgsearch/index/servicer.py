@@ -47,6 +47,9 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
             request.k,
             list(request.exclude_ids),
             request.semantic_head,
+            convert.search_filter(request),
+            convert.min_score(request),
+            convert.cursor(request),
         )
         return convert.search_response(result, core.shard)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from imgsearch.index.ann import SPACE_KINDS, AnnParams
 from imgsearch.index.indexes import INDEX_KINDS
 from imgsearch.kit.settings import ServerSettings
 
@@ -24,7 +25,30 @@ class IndexSettings(ServerSettings):
     data_dir: Path | None = Field(None, description="directory of the shard's files (default var/index/<shard>)")
     visual_dim: int = Field(1280, ge=1, le=65536, description="dimension of the visual (CNN feature) space")
     semantic_dim: int = Field(384, ge=1, le=65536, description="dimension of the semantic space")
-    index_type: str = Field("Flat", description="kind of FAISS index: " + ", ".join(INDEX_KINDS))
+    index_type: str = Field(
+        "Flat", description="exact kind of FAISS index (small spaces, tails): " + ", ".join(INDEX_KINDS)
+    )
+    # Approximate kinds per space (see ann.py and docs/benchmarks.md for why these): a space stays exact until it
+    # holds ann_min_vectors vectors, then an approximate base is built in the background and swapped in.
+    visual_index: str = Field("IVFPQ", description="kind of the visual space: " + ", ".join(SPACE_KINDS))
+    semantic_index: str = Field("HNSW", description="kind of each semantic space: " + ", ".join(SPACE_KINDS))
+    ann_min_vectors: int = Field(50_000, ge=1, description="vectors in a space before its approximate index is built")
+    ann_merge_min: int = Field(10_000, ge=1, description="exact tail size that triggers merging it into the base")
+    ann_merge_ratio: float = Field(0.1, ge=0, description="... or this fraction of the base, whichever is larger")
+    ann_rebuild_dead_fraction: float = Field(
+        0.25, gt=0, le=1, description="rebuild the base from scratch once this fraction of it is deleted/replaced"
+    )
+    hnsw_m: int = Field(32, ge=4, le=256, description="HNSW neighbours per node")
+    hnsw_ef_construction: int = Field(64, ge=8, description="HNSW build-time beam width")
+    hnsw_ef_search: int = Field(64, ge=1, description="HNSW search beam width (raised to k when k is larger)")
+    ivf_nprobe: int = Field(16, ge=1, description="IVF lists probed per visual search")
+    pq_dims_per_code: int = Field(8, ge=1, description="dimensions per PQ byte of the visual space")
+    rerank: int = Field(100, ge=0, description="visual (PQ) candidates re-ranked exactly from stored float16 vectors")
+    filter_brute_limit: int = Field(
+        20_000, ge=0, description="filters allowing at most this many base rows are scored exactly, not by ANN"
+    )
+    background_build: bool = Field(True, description="build approximate indexes on a background thread when due")
+    build_threads: int = Field(1, ge=0, description="OpenMP threads of the background index builder (0: all)")
     use_gpu: bool = Field(True, description="search on GPU when faiss was built with GPU support and sees one")
     # Concurrent RPCs already run searches in parallel (FAISS releases the GIL); OpenMP teams inside each of
     # them oversubscribe the cores, which measured ~10x slower on a busy 2-core host (see benchmarks).
@@ -40,7 +64,10 @@ class IndexSettings(ServerSettings):
     max_metadata_bytes: int = Field(16 * 1024, ge=0, description="most UTF-8 bytes of metadata keys plus values")
     max_source_name_length: int = Field(4096, ge=0, description="longest source_name, in characters")
 
-    snapshot_every: int = Field(1000, ge=1, description="write a FAISS snapshot after this many changes")
+    snapshot_every: int = Field(1000, ge=1, description="write a FAISS snapshot after at least this many changes")
+    snapshot_growth: float = Field(
+        0.25, ge=0, description="... and at least this fraction of the shard's records (snapshot cost stays O(N))"
+    )
     snapshot_interval_seconds: float = Field(
         300.0, gt=0, description="write a snapshot at least this often while there are unsnapshotted changes"
     )
@@ -51,6 +78,28 @@ class IndexSettings(ServerSettings):
         if value not in INDEX_KINDS:
             raise ValueError(f"unknown index type {value!r}; known: {', '.join(INDEX_KINDS)}")
         return value
+
+    @field_validator("visual_index", "semantic_index")
+    @classmethod
+    def _known_space_kind(cls, value: str) -> str:
+        if value not in SPACE_KINDS:
+            raise ValueError(f"unknown index kind {value!r}; known: {', '.join(SPACE_KINDS)}")
+        return value
+
+    def ann_params(self) -> AnnParams:
+        return AnnParams(
+            min_vectors=self.ann_min_vectors,
+            merge_min=self.ann_merge_min,
+            merge_ratio=self.ann_merge_ratio,
+            rebuild_dead_fraction=self.ann_rebuild_dead_fraction,
+            hnsw_m=self.hnsw_m,
+            hnsw_ef_construction=self.hnsw_ef_construction,
+            hnsw_ef_search=self.hnsw_ef_search,
+            ivf_nprobe=self.ivf_nprobe,
+            pq_dims_per_code=self.pq_dims_per_code,
+            brute_limit=self.filter_brute_limit,
+            build_threads=self.build_threads,
+        )
 
     @property
     def shard_dir(self) -> Path:

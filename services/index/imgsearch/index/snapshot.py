@@ -5,6 +5,10 @@ Layout under <data_dir>/snapshots/:
                              space, head, vector count, size and CRC-32
   snap-<seq>/visual.faiss    the visual index (IndexIDMap2: the int64 labels travel inside the file)
   snap-<seq>/semantic-<n>.faiss  one index per semantic head (head names are free text, so files are numbered)
+  snap-<seq>/<name>.base.faiss, <name>.rows.npy  (format 2) a space's approximate base (ann.py) and its row
+                             labels plus liveness at the snapshot's seq; a base is immutable, so a later
+                             snapshot hard-links the files of the previous one instead of writing them again:
+                             writing snapshots costs the exact tails plus each base once
 A snapshot is written into .tmp-*, each file fsynced, the directory fsynced, then renamed to snap-<seq> (the
 commit point) and the parent fsynced; a crash at any point leaves either the old or the new snapshot, plus
 debris that the next start removes. Only the newest snapshot is kept, because the change rows it covers are
@@ -13,6 +17,7 @@ pruned from SQLite; if it is unusable the shard rebuilds from SQLite, which hold
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -23,13 +28,17 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import faiss
+import numpy as np
 
+from imgsearch.index.ann import Base
 from imgsearch.index.store import now_ms
 
 log = logging.getLogger(__name__)
 
 SNAPSHOT_DIR = "snapshots"
-FORMAT = 1
+FORMAT = 2
+# Format 1 snapshots (exact indexes only) are still read.
+_READABLE = (1, 2)
 _PREFIX = "snap-"
 _MANIFEST = "manifest.json"
 
@@ -50,6 +59,9 @@ class Expected:
     max_seq: int
     # The change log is pruned up to here: an older snapshot cannot be replayed to the current state.
     min_seq: int = 0
+    # Kinds per space: a base of another kind (the settings changed) makes the snapshot unusable.
+    visual_kind: str = "Flat"
+    semantic_kind: str = "Flat"
 
 
 @dataclass
@@ -129,6 +141,57 @@ def _read_index(path: Path, size: int, crc32: int) -> Any:
     return index
 
 
+def _write_rows(base: Base, alive: Any, path: Path) -> dict[str, int]:
+    buf = io.BytesIO()
+    np.save(buf, np.stack([base.row_labels, np.asarray(alive, dtype=np.int64)]))
+    data = buf.getvalue()
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"bytes": len(data), "crc32": zlib.crc32(data)}
+
+
+def _write_base(base: Base, alive: Any, directory: Path, stem: str) -> dict[str, Any]:
+    """Write (or hard-link, when an earlier snapshot wrote it) a base's index, and its rows and liveness."""
+    index_name = f"{stem}.base.faiss"
+    old = base.files.get("path")
+    entry: dict[str, Any] = {"kind": base.kind, "file": index_name, "rows": base.rows, "trained": base.trained_rows}
+    linked = False
+    if isinstance(old, Path) and old.exists():
+        try:
+            os.link(old, directory / index_name)
+            entry.update(base.files["meta"])
+            linked = True
+        except OSError:
+            linked = False
+    if not linked:
+        meta = _write_index(base.index, directory / index_name)
+        entry.update(meta)
+        base.files["meta"] = meta
+    rows_name = f"{stem}.rows.npy"
+    rows = _write_rows(base, alive, directory / rows_name)
+    entry.update({"rows_file": rows_name, "rows_bytes": rows["bytes"], "rows_crc32": rows["crc32"]})
+    return entry
+
+
+def _read_base(path: Path, entry: dict[str, Any], kind: str, dim: int) -> tuple[Base, Any]:
+    if entry.get("kind") != kind:
+        raise SnapshotError(f"{path.name}: a {entry.get('kind')} base, but the space is configured {kind}")
+    index = _read_index(path / entry["file"], int(entry["bytes"]), int(entry["crc32"]))
+    data = (path / entry["rows_file"]).read_bytes()
+    if len(data) != int(entry["rows_bytes"]) or zlib.crc32(data) != int(entry["rows_crc32"]):
+        raise SnapshotError(f"{path.name}: {entry['rows_file']} does not match the manifest")
+    rows = np.load(io.BytesIO(data))
+    n = int(entry["rows"])
+    if rows.shape != (2, n) or int(index.ntotal) != n or int(index.d) != dim:
+        raise SnapshotError(f"{path.name}: {entry['file']} does not hold what the manifest says")
+    base = Base(kind=kind, index=index, row_labels=rows[0].astype(np.int64), trained_rows=int(entry["trained"]))
+    base.files["path"] = path / entry["file"]
+    base.files["meta"] = {"bytes": int(entry["bytes"]), "crc32": int(entry["crc32"])}
+    return base, rows[1].astype(bool)
+
+
 def write(
     root: Path,
     *,
@@ -139,6 +202,8 @@ def write(
     semantic_dim: int,
     visual: Any,
     semantic: dict[str, Any],
+    visual_kind: str = "Flat",
+    semantic_kind: str = "Flat",
 ) -> Snapshot:
     """Write a complete snapshot of these (private, unshared) CPU indexes; returns it once durable."""
     base = root / SNAPSHOT_DIR
@@ -150,10 +215,13 @@ def write(
     entries: list[dict[str, Any]] = []
     files: list[tuple[str, str | None, Any]] = [("visual", None, visual)]
     files += [("semantic", head, index) for head, index in sorted(semantic.items())]
-    for n, (space, head, index) in enumerate(files):
+    for n, (space, head, saved) in enumerate(files):
         name = "visual.faiss" if space == "visual" else f"semantic-{n - 1}.faiss"
+        index, ann_base, alive = saved if isinstance(saved, tuple) else (saved, None, None)
         entries.append({"space": space, "head": head, "file": name, "count": int(index.ntotal)})
         entries[-1].update(_write_index(index, tmp / name))
+        if ann_base is not None:
+            entries[-1]["base"] = _write_base(ann_base, alive, tmp, name.removesuffix(".faiss"))
     created = now_ms()
     manifest = {
         "format": FORMAT,
@@ -163,6 +231,8 @@ def write(
         "index_type": index_type,
         "visual_dim": visual_dim,
         "semantic_dim": semantic_dim,
+        "visual_kind": visual_kind,
+        "semantic_kind": semantic_kind,
         "indexes": entries,
     }
     with open(tmp / _MANIFEST, "w", encoding="utf-8") as f:
@@ -179,10 +249,21 @@ def write(
         final.rename(stale)
     tmp.rename(final)
     _fsync_dir(base)
+    # Bases written or linked here: the next snapshot links these files (the old directory goes below).
+    for _, _, saved in files:
+        if isinstance(saved, tuple) and saved[1] is not None:
+            saved[1].files["path"] = final / f"{_stem_of(files, saved)}.base.faiss"
     for other in base.iterdir():
         if other != final and (other.name.startswith(".") or _seq_of(other) is not None):
             shutil.rmtree(other, ignore_errors=True)
     return Snapshot(seq=seq, created_ms=created, path=final, visual=visual, semantic=semantic)
+
+
+def _stem_of(files: list[tuple[str, str | None, Any]], saved: Any) -> str:
+    for n, (space, _, other) in enumerate(files):
+        if other is saved:
+            return "visual" if space == "visual" else f"semantic-{n - 1}"
+    raise ValueError("not in files")
 
 
 def newest(root: Path) -> Path | None:
@@ -205,12 +286,13 @@ def remove_debris(root: Path) -> None:
 
 def _check(manifest: dict[str, Any], expected: Expected, path: Path) -> None:
     checks: list[tuple[str, Any, Any]] = [
-        ("format", manifest.get("format"), FORMAT),
         ("shard_uuid", manifest.get("shard_uuid"), expected.shard_uuid),
         ("index_type", manifest.get("index_type"), expected.index_type),
         ("visual_dim", manifest.get("visual_dim"), expected.visual_dim),
         ("semantic_dim", manifest.get("semantic_dim"), expected.semantic_dim),
     ]
+    if manifest.get("format") not in _READABLE:
+        raise SnapshotError(f"{path.name}: format is {manifest.get('format')!r}, expected one of {_READABLE}")
     for key, got, want in checks:
         if got != want:
             raise SnapshotError(f"{path.name}: {key} is {got!r}, expected {want!r}")
@@ -236,10 +318,15 @@ def load(path: Path, expected: Expected) -> Snapshot:
             want_dim = expected.visual_dim if entry["space"] == "visual" else expected.semantic_dim
             if not isinstance(index, faiss.IndexIDMap2) or index.d != want_dim or index.ntotal != entry["count"]:
                 raise SnapshotError(f"{path.name}: {entry['file']} does not hold what the manifest says")
+            saved: Any = index
+            if "base" in entry:
+                kind = expected.visual_kind if entry["space"] == "visual" else expected.semantic_kind
+                base, alive = _read_base(path, entry["base"], kind, want_dim)
+                saved = (index, base, alive)
             if entry["space"] == "visual":
-                visual = index
+                visual = saved
             else:
-                semantic[str(entry["head"])] = index
+                semantic[str(entry["head"])] = saved
         if visual is None:
             raise SnapshotError(f"{path.name}: no visual index")
         return Snapshot(

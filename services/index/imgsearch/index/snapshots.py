@@ -7,13 +7,24 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from imgsearch.index import snapshot
+from imgsearch.index.ann import SegmentedSpace
 from imgsearch.index.state import Memory
 from imgsearch.index.store import Store
 from imgsearch.kit.locks import RWLock
 
 log = logging.getLogger(__name__)
+
+
+def _saved(space: SegmentedSpace) -> Any:
+    """What a snapshot writes of a space (under the shared lock): a copy of its tail, plus its immutable base and
+    a copy of the base's liveness."""
+    tail = space.copy_tail()
+    if space.base is None:
+        return tail
+    return (tail, space.base, space.alive.copy())
 
 
 class Snapshots:
@@ -56,8 +67,14 @@ class Snapshots:
 
     def poke(self) -> None:
         """A write happened: wake the thread if enough changes piled up."""
-        if self._memory.wal >= self._memory.settings.snapshot_every:
+        if self._memory.wal >= self.threshold():
             self._wake.set()
+
+    def threshold(self) -> int:
+        """Changes that make a snapshot due: snapshot_every, and at least snapshot_growth of the records, so
+        that a bulk load writes O(log N) snapshots (O(N) bytes in all), not one every snapshot_every writes."""
+        settings = self._memory.settings
+        return max(settings.snapshot_every, int(settings.snapshot_growth * len(self._memory.slots)))
 
     def write(self, force: bool = False) -> bool:
         """Write a snapshot if anything changed since the last one (or if forced); True if one was written."""
@@ -68,8 +85,8 @@ class Snapshots:
                 seq = memory.applied_seq
                 if not force and not memory.snapshot_needed and seq == memory.snapshot_seq:
                     return False
-                visual = memory.visual.copy_cpu()
-                semantic = {h: s.copy_cpu() for h, s in memory.semantic.items()}
+                visual = _saved(memory.visual)
+                semantic = {h: _saved(s) for h, s in memory.semantic.items()}
             t0 = time.perf_counter()
             snap = snapshot.write(
                 self._directory,
@@ -80,6 +97,8 @@ class Snapshots:
                 semantic_dim=settings.semantic_dim,
                 visual=visual,
                 semantic=semantic,
+                visual_kind=settings.visual_index,
+                semantic_kind=settings.semantic_index,
             )
             with self._write_mutex:
                 remaining = self._store.prune_changes(seq)
@@ -95,7 +114,7 @@ class Snapshots:
 
     def _due(self) -> bool:
         memory = self._memory
-        if memory.snapshot_needed or memory.wal >= memory.settings.snapshot_every:
+        if memory.snapshot_needed or memory.wal >= self.threshold():
             return True
         return memory.wal > 0 and self.age_seconds() >= memory.settings.snapshot_interval_seconds
 

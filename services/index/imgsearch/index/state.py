@@ -9,10 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from imgsearch.index.indexes import IndexKind, VectorSpace
+from imgsearch.index.ann import SegmentedSpace
+from imgsearch.index.indexes import IndexKind
 from imgsearch.index.settings import IndexSettings
 from imgsearch.index.store import Slot, VectorChunk
-from imgsearch.index.types import Vector
+from imgsearch.index.types import Space, Vector
 from imgsearch.kit.errors import FailedPrecondition
 
 
@@ -40,8 +41,8 @@ class Memory:
         self.db_path = db_path
         self.ids: dict[str, int] = {}
         self.slots: dict[int, Slot] = {}
-        self.visual = self.space(settings.visual_dim)
-        self.semantic: dict[str, VectorSpace] = {}
+        self.visual = self.space(Space.VISUAL)
+        self.semantic: dict[str, SegmentedSpace] = {}
         # Last change seq applied to the indexes, the seq and time of the newest snapshot, changes since it.
         self.applied_seq = 0
         self.snapshot_seq = 0
@@ -49,29 +50,39 @@ class Memory:
         self.wal = 0
         self.snapshot_needed = False
 
-    def space(self, dim: int, cpu_index: Any | None = None) -> VectorSpace:
-        return VectorSpace(self.kind, dim, self.use_gpu, cpu_index, self.settings.search_threads)
+    def space(self, which: Space, tail: Any | None = None) -> SegmentedSpace:
+        s = self.settings
+        kind, dim = (s.visual_index, s.visual_dim) if which is Space.VISUAL else (s.semantic_index, s.semantic_dim)
+        return SegmentedSpace(kind, self.kind, dim, self.use_gpu, s.ann_params(), tail, s.search_threads)
 
     def set_slots(self, slots: dict[int, Slot]) -> None:
         self.slots = slots
         self.ids = {slot.id: label for label, slot in slots.items()}
 
     def reset_indexes(self, visual: Any | None = None, semantic: dict[str, Any] | None = None) -> None:
-        """Empty indexes, or these (snapshot) CPU indexes."""
-        self.visual = self.space(self.settings.visual_dim, visual)
-        self.semantic = {h: self.space(self.settings.semantic_dim, i) for h, i in (semantic or {}).items()}
+        """Empty spaces, or these (snapshot) spaces: an exact tail index, or (tail index, base, alive rows)."""
+        self.visual = self._restore(Space.VISUAL, visual)
+        self.semantic = {h: self._restore(Space.SEMANTIC, i) for h, i in (semantic or {}).items()}
 
-    def all_spaces(self) -> list[VectorSpace]:
+    def _restore(self, which: Space, saved: Any | None) -> SegmentedSpace:
+        if isinstance(saved, tuple):
+            tail, base, alive = saved
+            space = self.space(which, tail)
+            space.install(base, alive)
+            return space
+        return self.space(which, saved)
+
+    def all_spaces(self) -> list[SegmentedSpace]:
         return [self.visual, *self.semantic.values()]
 
     def head_counts(self) -> dict[str, int]:
         """Vectors held per head, i.e. live records with a vector of it (heads without any are not listed)."""
         return {h: s.ntotal for h, s in sorted(self.semantic.items()) if s.ntotal > 0}
 
-    def head_space(self, head: str) -> VectorSpace:
+    def head_space(self, head: str) -> SegmentedSpace:
         space = self.semantic.get(head)
         if space is None:
-            space = self.semantic[head] = self.space(self.settings.semantic_dim)
+            space = self.semantic[head] = self.space(Space.SEMANTIC)
         return space
 
     def add_chunk(self, chunk: VectorChunk) -> None:
@@ -82,9 +93,9 @@ class Memory:
 
     def _matrix(self, blobs: list[bytes], space: str) -> Vector:
         dim = self.settings.visual_dim if space == "visual" else self.settings.semantic_dim
-        if any(len(b) != dim * 4 for b in blobs):
-            raise FailedPrecondition(f"{self.db_path} holds a {space} vector that is not {dim} float32 values")
-        return np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), dim).astype(np.float32)
+        if any(len(b) != dim * 2 for b in blobs):
+            raise FailedPrecondition(f"{self.db_path} holds a {space} vector that is not {dim} float16 values")
+        return np.frombuffer(b"".join(blobs), dtype="<f2").reshape(len(blobs), dim).astype(np.float32)
 
     def remove_labels(self, labels: Iterable[int]) -> None:
         arr = np.asarray(list(labels), dtype=np.int64)

@@ -13,6 +13,8 @@ Tables:
 - semantics: one normalised semantic vector per (label, head), so that a record holds the vectors of several
   heads at once while a new head is built. Its primary key index covers (label, head), so loading which heads
   each label has at start reads that index, not the vectors.
+- meta_terms: one row per metadata entry of a record (key, value, label), so that a search filter reads only the
+  labels it matches.
 - changes: one row per applied upsert, delete or semantic write (seq AUTOINCREMENT, monotonic). A FAISS
   snapshot records the last seq it contains; on start only rows after it are replayed. Rows up to a durable
   snapshot are pruned.
@@ -22,7 +24,9 @@ Tables:
 
 Schema versions: 1 had no feature_norm / top_logits columns; 2 added them (0 and NULL for the rows already stored,
 i.e. "unknown"); 2 held one semantic vector per record (vectors.semantic, with its head in records.semantic_head),
-3 moves each into the semantics table and drops those two columns. Opening an older database upgrades it in
+3 moves each into the semantics table and drops those two columns; 4 stores every vector as little-endian float16
+instead of float32 (half the bytes; converted in place) and adds meta_terms (key, value, label: the metadata
+filter of searches) and an index on records.created_ms (its time range). Opening an older database upgrades it in
 the transaction that records the new version: all or nothing.
 """
 
@@ -48,9 +52,9 @@ from imgsearch.kit.errors import FailedPrecondition, ImgsearchError, ResourceExh
 log = logging.getLogger(__name__)
 
 DB_NAME = "index.sqlite3"
-SCHEMA_VERSION = "3"
+SCHEMA_VERSION = "4"
 # Versions this code opens, upgrading them to SCHEMA_VERSION.
-_KNOWN_VERSIONS = ("1", "2", SCHEMA_VERSION)
+_KNOWN_VERSIONS = ("1", "2", "3", SCHEMA_VERSION)
 # Columns added by version 2, with the values rows stored before it get (ALTER TABLE ADD COLUMN needs a constant).
 _V2_COLUMNS = {"feature_norm": "REAL NOT NULL DEFAULT 0", "top_logits": "BLOB"}
 # SQLite's default limit on host parameters is 32766 since 3.32; stay far below it.
@@ -81,6 +85,14 @@ CREATE TABLE IF NOT EXISTS semantics (
     vector BLOB NOT NULL,
     PRIMARY KEY (label, head)
 );
+CREATE TABLE IF NOT EXISTS meta_terms (
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    label INTEGER NOT NULL,
+    PRIMARY KEY (key, value, label)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS meta_terms_label ON meta_terms(label);
+CREATE INDEX IF NOT EXISTS records_created ON records(created_ms);
 CREATE TABLE IF NOT EXISTS changes (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     op TEXT NOT NULL,
@@ -195,11 +207,15 @@ def _storage_error(exc: sqlite3.OperationalError) -> ImgsearchError:
 
 
 def _blob(vec: Vec | None) -> bytes | None:
-    return None if vec is None else np.ascontiguousarray(vec, dtype="<f4").tobytes()
+    return None if vec is None else np.ascontiguousarray(vec, dtype="<f2").tobytes()
 
 
 def _vec(blob: bytes | None) -> Vec | None:
-    return None if blob is None else np.frombuffer(blob, dtype="<f4").astype(np.float32)
+    return None if blob is None else np.frombuffer(blob, dtype="<f2").astype(np.float32)
+
+
+def _f32_to_f16(blob: bytes | None) -> bytes | None:
+    return None if blob is None else np.frombuffer(blob, dtype="<f4").astype("<f2").tobytes()
 
 
 def _logits_blob(pairs: TopLogits) -> bytes | None:
@@ -284,7 +300,7 @@ class Store:
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
-        return stored["shard_uuid"]
+        return str(stored["shard_uuid"])
 
     def _columns(self, table: str) -> set[str]:
         return {str(row[1]) for row in self._db.execute(f"PRAGMA table_info({table})")}
@@ -310,6 +326,13 @@ class Store:
             self._db.execute("ALTER TABLE vectors DROP COLUMN semantic")
         if legacy_head:
             self._db.execute("ALTER TABLE records DROP COLUMN semantic_head")
+        converted = 0
+        if version in ("1", "2", "3"):
+            converted = self._vectors_to_float16()
+            self._db.execute(
+                "INSERT OR IGNORE INTO meta_terms(key, value, label) "
+                "SELECT j.key, CAST(j.value AS TEXT), r.label FROM records r, json_each(r.metadata) j"
+            )
         if version != SCHEMA_VERSION:
             self._db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (SCHEMA_VERSION,))
         if added or legacy_vector or legacy_head or version != SCHEMA_VERSION:
@@ -321,8 +344,31 @@ class Store:
                     "to": SCHEMA_VERSION,
                     "added_columns": added,
                     "semantic_vectors_moved": moved,
+                    "vectors_to_float16": converted,
                 },
             )
+
+    def _vectors_to_float16(self) -> int:
+        """Version 4 stores vectors as float16 (half the bytes; the visual space does not need float32)."""
+        n = 0
+        for table, column in (("vectors", "visual"), ("semantics", "vector")):
+            key = "label" if table == "vectors" else "rowid"
+            last = -1
+            while True:
+                rows = self._db.execute(
+                    f"SELECT {key}, {column} FROM {table} WHERE {key} > ? AND {column} IS NOT NULL "
+                    f"ORDER BY {key} LIMIT 4096",
+                    (last,),
+                ).fetchall()
+                if not rows:
+                    break
+                self._db.executemany(
+                    f"UPDATE {table} SET {column} = ? WHERE {key} = ?",
+                    [(_f32_to_f16(blob), k) for k, blob in rows],
+                )
+                n += len(rows)
+                last = int(rows[-1][0])
+        return n
 
     def _reader(self) -> sqlite3.Connection:
         """This thread's read-only connection (WAL readers never block the writer)."""
@@ -359,6 +405,11 @@ class Store:
                         "INSERT OR REPLACE INTO vectors(label, visual, feature_norm, top_logits) VALUES (?, ?, ?, ?)",
                         (label, _blob(op.visual), op.feature_norm, _logits_blob(op.top_logits)),
                     )
+                    db.execute("DELETE FROM meta_terms WHERE label = ?", (label,))
+                    db.executemany(
+                        "INSERT INTO meta_terms(key, value, label) VALUES (?, ?, ?)",
+                        [(k, v, label) for k, v in op.metadata.items()],
+                    )
                     # An upsert replaces the whole record, every head's vector included.
                     db.execute("DELETE FROM semantics WHERE label = ?", (label,))
                     db.executemany(
@@ -389,6 +440,7 @@ class Store:
                         continue
                     db.execute("DELETE FROM vectors WHERE label = ?", (row[0],))
                     db.execute("DELETE FROM semantics WHERE label = ?", (row[0],))
+                    db.execute("DELETE FROM meta_terms WHERE label = ?", (row[0],))
                     self._log_change(int(row[0]), "delete", op.id, ts)
                     labels.append(int(row[0]))
             if semantic_ms:
@@ -585,6 +637,44 @@ class Store:
         finally:
             conn.execute("COMMIT")
         return [_record(row, semantics.get(int(row[0]), {}), prefer) for row in rows]
+
+    def filter_labels(
+        self, terms: Sequence[tuple[str, Sequence[str]]], created_after_ms: int = 0, created_before_ms: int = 0
+    ) -> npt.NDArray[np.int64]:
+        """Sorted labels of the records matching every term (key equal to one of the values) and the time range.
+
+        created_after_ms: created at or after (0: unbounded); created_before_ms: created before (0: unbounded).
+        """
+        parts: list[str] = []
+        params: list[Any] = []
+        for key, values in terms:
+            parts.append(f"SELECT label FROM meta_terms WHERE key = ? AND value IN ({_marks(len(values))})")
+            params += [key, *values]
+        if created_after_ms or created_before_ms:
+            where = []
+            if created_after_ms:
+                where.append("created_ms >= ?")
+                params.append(created_after_ms)
+            if created_before_ms:
+                where.append("created_ms < ?")
+                params.append(created_before_ms)
+            parts.append("SELECT label FROM records WHERE " + " AND ".join(where))
+        if not parts:
+            raise ValueError("an empty filter selects every record; pass none instead")
+        rows = self._reader().execute(" INTERSECT ".join(parts), tuple(params)).fetchall()
+        out = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        out.sort()
+        return out
+
+    def visual_vectors(self, labels: Sequence[int]) -> dict[int, Vec]:
+        """Stored visual vectors of these labels (for re-ranking approximate candidates exactly)."""
+        conn = self._reader()
+        out: dict[int, Vec] = {}
+        for part in _chunks(list(labels)):
+            sql = f"SELECT label, visual FROM vectors WHERE visual IS NOT NULL AND label IN ({_marks(len(part))})"
+            for label, blob in conn.execute(sql, tuple(part)):
+                out[int(label)] = np.frombuffer(blob, dtype="<f2").astype(np.float32)
+        return out
 
     def scan(self, after_label: int, limit: int, skip_head: str = "", prefer: Sequence[str] = ()) -> list[StoredRecord]:
         """Up to `limit` records with labels above `after_label`, in label order, with their vectors.

@@ -96,6 +96,39 @@ class Hit:
 
 
 @dataclass(frozen=True)
+class SearchFilter:
+    """Restricts a search: every term must hold (key equal to one of its values), and the creation time must be in
+    [created_after_ms, created_before_ms) (0: unbounded)."""
+
+    terms: Sequence[tuple[str, Sequence[str]]] = ()
+    created_after_ms: int = 0
+    created_before_ms: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return not self.terms and not self.created_after_ms and not self.created_before_ms
+
+    def matches(self, metadata: Mapping[str, str], created_ms: int) -> bool:
+        if self.created_after_ms and created_ms < self.created_after_ms:
+            return False
+        if self.created_before_ms and created_ms >= self.created_before_ms:
+            return False
+        return all(metadata.get(key) in values for key, values in self.terms)
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """A position in a ranking by (score descending, id ascending): a page returns only hits strictly after it."""
+
+    score: float
+    id: str
+
+    def before(self, score: float, id_: str) -> bool:
+        """Whether (score, id_) ranks strictly after this position."""
+        return score < self.score or (score == self.score and id_ > self.id)
+
+
+@dataclass(frozen=True)
 class SearchResult:
     hits: list[Hit]
     # Vectors in the index that was searched.
@@ -116,6 +149,8 @@ class ShardStats:
     index_type: str
     last_snapshot_unix_ms: int
     wal_entries: int
+    # "visual" / "semantic:<head>" -> what searches of that space use now ("Flat" until its ANN index is built).
+    served_index_types: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

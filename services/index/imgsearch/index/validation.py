@@ -14,6 +14,7 @@ from imgsearch.index.types import (
     MAX_TOP_LOGITS,
     HeadConfig,
     RecordInput,
+    SearchFilter,
     SemanticInput,
     Vector,
 )
@@ -35,6 +36,11 @@ def unit(values: Vector, dim: int, what: str) -> Vector:
     if norm == 0.0:
         raise InvalidArgument(f"{what} is all zeros and cannot be normalised")
     return (wide / norm).astype(np.float32)
+
+
+def stored(values: Vector, dim: int, what: str) -> Vector:
+    """unit(), rounded to float16: what the shard stores (SQLite and memory), so scores match across restarts."""
+    return unit(values, dim, what).astype(np.float16).astype(np.float32)
 
 
 def join_heads(heads: Sequence[str]) -> str:
@@ -80,7 +86,7 @@ class Validator:
         s = self.settings
         self.check_id(rec.id, f"record {i}")
         where = f"record {i} ({rec.id!r})"
-        visual = None if rec.visual is None else unit(rec.visual, s.visual_dim, f"{where}: visual vector")
+        visual = None if rec.visual is None else stored(rec.visual, s.visual_dim, f"{where}: visual vector")
         semantics = self._semantics(rec, where)
         if visual is None and not semantics:
             raise InvalidArgument(f"{where}: has neither a visual nor a semantic vector")
@@ -124,7 +130,7 @@ class Validator:
             raise InvalidArgument(f"{where}: semantic_head {head!r} given without a semantic vector")
         if rec.semantic is not None:
             self._check_head(head, where)
-            out[head] = unit(rec.semantic, dim, f"{where}: semantic vector")
+            out[head] = stored(rec.semantic, dim, f"{where}: semantic vector")
         for n, (head, vec) in enumerate(rec.semantics):
             what = f"{where}: semantics {n}"
             if not head:
@@ -137,7 +143,7 @@ class Validator:
                     f"{what}: a second vector of head {head!r} (semantic/semantic_head count as one entry); "
                     "send at most one vector per head"
                 )
-            out[head] = unit(vec, dim, f"{what} (head {head!r}) vector")
+            out[head] = stored(vec, dim, f"{what} (head {head!r}) vector")
         return out
 
     @staticmethod
@@ -160,13 +166,36 @@ class Validator:
             out.append((int(class_index), float(logit)))
         return tuple(out)
 
+    def search_filter(self, where: SearchFilter) -> None:
+        """A filter's terms name a key and at least one value; its time range is not reversed."""
+        if len(where.terms) > self.settings.max_metadata_entries:
+            raise InvalidArgument(
+                f"filter has {len(where.terms)} terms, at most {self.settings.max_metadata_entries} allowed"
+            )
+        for n, (key, values) in enumerate(where.terms):
+            if not key:
+                raise InvalidArgument(f"filter term {n}: key must not be empty")
+            if not values:
+                raise InvalidArgument(f"filter term {n} ({key!r}): give at least one value")
+            if len(values) > self.settings.max_batch:
+                raise InvalidArgument(
+                    f"filter term {n} ({key!r}): {len(values)} values, at most {self.settings.max_batch} allowed"
+                )
+        after, before = where.created_after_ms, where.created_before_ms
+        if after < 0 or before < 0:
+            raise InvalidArgument("filter: created_after_unix_ms and created_before_unix_ms must not be negative")
+        if after and before and after >= before:
+            raise InvalidArgument(
+                f"filter: created_after_unix_ms ({after}) must be below created_before_unix_ms ({before})"
+            )
+
     def semantic(self, i: int, update: SemanticInput) -> SemanticOp:
         s = self.settings
         self.check_id(update.id, f"update {i}")
         where = f"update {i} ({update.id!r})"
         if update.semantic is None:
             raise InvalidArgument(f"{where}: has no semantic vector")
-        semantic = unit(update.semantic, s.semantic_dim, f"{where}: semantic vector")
+        semantic = stored(update.semantic, s.semantic_dim, f"{where}: semantic vector")
         head = update.semantic_head
         if not head:
             raise InvalidArgument(f"{where}: semantic_head is required (name@version of the projection head)")

@@ -1,0 +1,289 @@
+"""Approximate indexes, float16 storage, filtered/thresholded/paged search: checked against exact FAISS Flat."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import pytest
+
+from imgsearch.index import snapshot
+from imgsearch.index.core import Cursor, RecordInput, SearchFilter, ShardIndex, Space
+from imgsearch.index.settings import IndexSettings
+from imgsearch.index.store import DB_NAME
+
+VD, SD = 64, 32
+HEAD = "proj@1"
+
+
+def settings(path: Path, **overrides: Any) -> IndexSettings:
+    base: dict[str, Any] = {
+        "data_dir": path,
+        "shard": "ann",
+        "visual_dim": VD,
+        "semantic_dim": SD,
+        "snapshot_every": 10**9,
+        "snapshot_interval_seconds": 3600.0,
+        "use_gpu": False,
+        "ann_min_vectors": 1000,
+        "ann_merge_min": 500,
+        "background_build": False,
+        "ivf_nprobe": 32,
+        "rerank": 300,
+    }
+    base.update(overrides)
+    return IndexSettings(**base)
+
+
+def clustered(rng: np.random.Generator, n: int, dim: int, clusters: int = 40) -> np.ndarray:
+    """Unit vectors around random centres (embeddings have structure; uniform noise on the sphere has none)."""
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+    x = centres[rng.integers(0, clusters, n)] + 0.6 * rng.standard_normal((n, dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32)
+
+
+def fill(idx: ShardIndex, rng: np.random.Generator, n: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    vis, sem = clustered(rng, n, VD), clustered(rng, n, SD)
+    for lo in range(0, n, 1000):
+        idx.upsert(
+            [
+                RecordInput(
+                    id=f"r{start + i}",
+                    visual=vis[i],
+                    semantics=[(HEAD, sem[i])],
+                    metadata={"colour": ("red", "green", "blue")[i % 3], "rare": "yes" if i % 200 == 7 else "no"},
+                )
+                for i in range(lo, min(n, lo + 1000))
+            ]
+        )
+    return vis, sem
+
+
+def near(rng: np.random.Generator, vectors: np.ndarray, n: int) -> np.ndarray:
+    """Queries like the data: stored vectors plus noise (queries from elsewhere have no meaningful neighbours)."""
+    q = vectors[rng.integers(0, vectors.shape[0], n)] + 0.5 * rng.standard_normal((n, vectors.shape[1]))
+    out: np.ndarray = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+    return out
+
+
+def exact_top(vectors: np.ndarray, ids: list[str], q: np.ndarray, k: int) -> list[str]:
+    flat = faiss.IndexFlatIP(vectors.shape[1])
+    flat.add(vectors.astype(np.float16).astype(np.float32))
+    _, found = flat.search(q[None, :], k)
+    return [ids[i] for i in found[0] if i >= 0]
+
+
+def recall(idx: ShardIndex, space: Space, vectors: np.ndarray, ids: list[str], queries: np.ndarray) -> float:
+    hit = 0
+    for q in queries:
+        want = set(exact_top(vectors, ids, q, 10))
+        got = {h.id for h in idx.search(space, q, 10).hits}
+        hit += len(want & got)
+    return hit / (10 * len(queries))
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(7)
+
+
+def test_ann_kinds_reach_recall_against_exact_flat(tmp_path: Path, rng: np.random.Generator) -> None:
+    idx = ShardIndex(settings(tmp_path / "s"))
+    try:
+        vis, sem = fill(idx, rng, 3000)
+        assert idx.stats().served_index_types == {"visual": "Flat", f"semantic:{HEAD}": "Flat"}
+        assert idx.build_indexes() == 2
+        assert idx.stats().served_index_types == {"visual": "IVFPQ", f"semantic:{HEAD}": "HNSW"}
+        ids = [f"r{i}" for i in range(3000)]
+        assert recall(idx, Space.SEMANTIC, sem, ids, near(rng, sem, 30)) >= 0.95
+        assert recall(idx, Space.VISUAL, vis, ids, near(rng, vis, 30)) >= 0.95
+        # New writes go to the exact tail and are found at once; deletes and replaces keep working.
+        idx.upsert([RecordInput(id="new", visual=vis[0], semantics=[(HEAD, -sem[0])])])
+        assert idx.search(Space.SEMANTIC, -sem[0], 1).hits[0].id == "new"
+        idx.delete(["r5"])
+        assert "r5" not in {h.id for h in idx.search(Space.SEMANTIC, sem[5], 10).hits}
+        idx.upsert([RecordInput(id="r6", visual=vis[6], semantics=[(HEAD, -sem[6])])])
+        assert idx.search(Space.SEMANTIC, -sem[6], 1).hits[0].id == "r6"
+        assert "r6" not in {h.id for h in idx.search(Space.SEMANTIC, sem[6], 3).hits}
+        assert idx.stats().count == 3000
+    finally:
+        idx.close(final_snapshot=False)
+
+
+def test_background_build_swaps_in_while_searches_keep_answering(tmp_path: Path, rng: np.random.Generator) -> None:
+    idx = ShardIndex(settings(tmp_path / "s", background_build=True))
+    errors: list[BaseException] = []
+    answers = 0
+    stop = threading.Event()
+    _, sem = fill(idx, rng, 900)
+
+    def searcher() -> None:
+        nonlocal answers
+        q = clustered(np.random.default_rng(1), 50, SD)
+        while not stop.is_set():
+            try:
+                got = idx.search(Space.SEMANTIC, q[answers % 50], 10)
+                assert len(got.hits) == 10
+                answers += 1
+            except BaseException as exc:
+                errors.append(exc)
+                return
+
+    t = threading.Thread(target=searcher)
+    t.start()
+    try:
+        fill(idx, rng, 2500, start=900)  # passes the threshold: the builder thread starts on its own
+        deadline = time.monotonic() + 60
+        while idx.stats().served_index_types.get(f"semantic:{HEAD}") != "HNSW" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert idx.stats().served_index_types[f"semantic:{HEAD}"] == "HNSW"
+        # Deletes while and after the swap: never returned.
+        idx.delete([f"r{i}" for i in range(0, 900, 3)])
+        got = {h.id for h in idx.search(Space.SEMANTIC, sem[3], 50).hits}
+        assert not {f"r{i}" for i in range(0, 900, 3)} & got
+    finally:
+        stop.set()
+        t.join()
+        idx.close(final_snapshot=False)
+    assert not errors
+    assert answers > 0
+
+
+@pytest.mark.parametrize("approximate", [False, True])
+def test_filters_min_score_and_cursor_paging(tmp_path: Path, rng: np.random.Generator, approximate: bool) -> None:
+    idx = ShardIndex(settings(tmp_path / "s", filter_brute_limit=100))
+    try:
+        vis, sem = fill(idx, rng, 3000)
+        if approximate:
+            idx.build_indexes()
+            assert idx.stats().served_index_types[f"semantic:{HEAD}"] == "HNSW"
+        q = clustered(rng, 1, SD)[0]
+        # Equality: only matching records, still k of them.
+        red = idx.search(Space.SEMANTIC, q, 20, where=SearchFilter(terms=[("colour", ["red"])]))
+        assert len(red.hits) == 20 and all(h.metadata["colour"] == "red" for h in red.hits)
+        # IN plus AND with a selective term (15 records): all 15 come back, best first, exactly ranked.
+        rare = SearchFilter(terms=[("colour", ["red", "green", "blue"]), ("rare", ["yes"])])
+        got = idx.search(Space.SEMANTIC, q, 20, where=rare)
+        rare_ids = [f"r{i}" for i in range(3000) if i % 200 == 7]
+        assert sorted(h.id for h in got.hits) == sorted(rare_ids)
+        want = exact_top(sem[[int(i[1:]) for i in rare_ids]], rare_ids, q, 20)
+        assert [h.id for h in got.hits] == want
+        # Nothing matches: an empty answer, not an error.
+        assert idx.search(Space.SEMANTIC, q, 5, where=SearchFilter(terms=[("colour", ["mauve"])])).hits == []
+        assert idx.search(Space.VISUAL, vis[0], 5, where=SearchFilter(terms=[("nokey", ["x"])])).hits == []
+        # Time range: everything was created now, so a range in the past matches nothing.
+        assert idx.search(Space.SEMANTIC, q, 5, where=SearchFilter(created_before_ms=1000)).hits == []
+        now = int(time.time() * 1000)
+        assert len(idx.search(Space.SEMANTIC, q, 5, where=SearchFilter(created_after_ms=now - 600_000)).hits) == 5
+        # min_score.
+        top = idx.search(Space.SEMANTIC, q, 50).hits
+        cut = top[20].score
+        above = idx.search(Space.SEMANTIC, q, 50, min_score=cut).hits
+        assert above and all(h.score >= cut for h in above) and len(above) <= 21
+        # Cursor paging over the green records: no duplicates, no gaps, ordered by (score desc, id asc).
+        green = SearchFilter(terms=[("colour", ["green"])])
+        pages: list[str] = []
+        scores: list[tuple[float, str]] = []
+        after = None
+        for _ in range(200):
+            page = idx.search(Space.SEMANTIC, q, 97, where=green, after=after).hits
+            if not page:
+                break
+            pages += [h.id for h in page]
+            scores += [(-h.score, h.id) for h in page]
+            after = Cursor(score=page[-1].score, id=page[-1].id)
+        assert len(pages) == len(set(pages))
+        assert scores == sorted(scores)
+        greens = {f"r{i}" for i in range(3000) if i % 3 == 1}
+        if approximate:
+            assert len(set(pages) & greens) >= 0.95 * len(greens) and set(pages) <= greens
+        else:
+            assert set(pages) == greens
+    finally:
+        idx.close(final_snapshot=False)
+
+
+def test_restart_keeps_the_ann_base_and_links_it_into_later_snapshots(tmp_path: Path, rng: np.random.Generator) -> None:
+    idx = ShardIndex(settings(tmp_path / "s"))
+    vis, sem = fill(idx, rng, 3000)
+    idx.build_indexes()
+    assert idx.snapshot() is True
+    first = snapshot.newest(tmp_path / "s")
+    assert first is not None
+    inode = (first / "semantic-0.base.faiss").stat().st_ino
+    idx.delete(["r1"])
+    idx.upsert([RecordInput(id="r2", visual=vis[2], semantics=[(HEAD, -sem[2])])])
+    assert idx.snapshot() is True
+    second = snapshot.newest(tmp_path / "s")
+    assert second is not None and second != first
+    assert (second / "semantic-0.base.faiss").stat().st_ino == inode  # linked, not written again
+    idx.upsert([RecordInput(id="after", visual=vis[3], semantics=[(HEAD, -sem[3])])])
+    idx.close(final_snapshot=False)  # what a crash leaves: one change after the snapshot
+    idx = ShardIndex(settings(tmp_path / "s"))
+    try:
+        assert (idx.load_report.mode, idx.load_report.replayed_changes) == ("snapshot", 1)
+        assert idx.stats().served_index_types == {"visual": "IVFPQ", f"semantic:{HEAD}": "HNSW"}
+        assert idx.stats().count == 3000
+        assert "r1" not in {h.id for h in idx.search(Space.SEMANTIC, sem[1], 5).hits}
+        assert idx.search(Space.SEMANTIC, -sem[2], 1).hits[0].id == "r2"
+        assert idx.search(Space.SEMANTIC, -sem[3], 1).hits[0].id == "after"
+    finally:
+        idx.close(final_snapshot=False)
+
+
+def test_a_version_3_float32_database_is_migrated_to_float16(tmp_path: Path, rng: np.random.Generator) -> None:
+    idx = ShardIndex(settings(tmp_path / "s"))
+    vis, sem = fill(idx, rng, 50)
+    idx.close(final_snapshot=False)
+    # Turn it back into what version 3 wrote: float32 blobs, no meta_terms rows.
+    db = sqlite3.connect(tmp_path / "s" / DB_NAME)
+    for table, column, key in (("vectors", "visual", "label"), ("semantics", "vector", "rowid")):
+        rows = db.execute(f"SELECT {key}, {column} FROM {table}").fetchall()
+        db.executemany(
+            f"UPDATE {table} SET {column} = ? WHERE {key} = ?",
+            [(np.frombuffer(b, "<f2").astype("<f4").tobytes(), k) for k, b in rows],
+        )
+    db.execute("DELETE FROM meta_terms")
+    db.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+    db.commit()
+    db.close()
+    idx = ShardIndex(settings(tmp_path / "s"))
+    try:
+        assert idx.load_report.mode == "rebuild"
+        (r7,), _ = idx.get(["r7"], include_vectors=True)
+        assert r7.visual is not None
+        np.testing.assert_array_equal(r7.visual, vis[7].astype(np.float16).astype(np.float32))
+        assert idx.search(Space.SEMANTIC, sem[7], 1).hits[0].id == "r7"
+        got = idx.search(Space.SEMANTIC, sem[7], 50, where=SearchFilter(terms=[("rare", ["yes"])]))
+        assert [h.id for h in got.hits] == ["r7"]
+    finally:
+        idx.close(final_snapshot=False)
+    db = sqlite3.connect(tmp_path / "s" / DB_NAME)
+    (version,) = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    (size,) = db.execute("SELECT length(visual) FROM vectors LIMIT 1").fetchone()
+    db.close()
+    assert (version, size) == ("4", 2 * VD)
+
+
+def test_bad_filters_are_invalid_argument(tmp_path: Path, rng: np.random.Generator) -> None:
+    from imgsearch.kit.errors import InvalidArgument
+
+    idx = ShardIndex(settings(tmp_path / "s"))
+    try:
+        fill(idx, rng, 10)
+        q = clustered(rng, 1, SD)[0]
+        for bad in (
+            SearchFilter(terms=[("", ["x"])]),
+            SearchFilter(terms=[("colour", [])]),
+            SearchFilter(created_after_ms=5, created_before_ms=5),
+        ):
+            with pytest.raises(InvalidArgument):
+                idx.search(Space.SEMANTIC, q, 5, where=bad)
+    finally:
+        idx.close(final_snapshot=False)
