@@ -80,6 +80,7 @@ async def run(args: argparse.Namespace) -> tuple[list[Row], tuple[str, ...]]:
         model_dir=args.model_dir,
         providers=args.providers,
         intra_op_threads=args.threads,
+        image_workers=args.workers,
         max_batch=max(32, *args.batch_sizes),
         max_wait_ms=args.max_wait_ms,
     )
@@ -101,11 +102,14 @@ async def run(args: argparse.Namespace) -> tuple[list[Row], tuple[str, ...]]:
         for b in args.batch_sizes:
             batch_pixels = [pixels[i % len(pixels)] for i in range(b)]
 
-            async def model_only(batch_pixels: list[np.ndarray] = batch_pixels) -> int:
-                await asyncio.to_thread(encoder.infer_images, batch_pixels)
-                return len(batch_pixels)
+            workers = encoder.image_batcher.workers
 
-            rows.append(await measure("image model only", b, model_only, args.seconds, 3))
+            async def model_only(batch_pixels: list[np.ndarray] = batch_pixels, workers: int = workers) -> int:
+                # One batch per session at once, as the batcher runs them.
+                await asyncio.gather(*(asyncio.to_thread(encoder.infer_images, batch_pixels) for _ in range(workers)))
+                return len(batch_pixels) * workers
+
+            rows.append(await measure(f"image model only ({workers} sessions)", b, model_only, args.seconds, 3))
 
         for b in args.batch_sizes:
             items = [ImageItem(data[i % len(data)], PHOTOS[i % len(data)]) for i in range(b)]
@@ -117,7 +121,7 @@ async def run(args: argparse.Namespace) -> tuple[list[Row], tuple[str, ...]]:
             rows.append(await measure("encode_images (decode + model)", b, end_to_end, args.seconds, 3))
 
         one = [ImageItem(data[0], PHOTOS[0])]
-        concurrency = args.concurrency
+        concurrency: int = args.concurrency
 
         async def concurrent_singles() -> int:
             await asyncio.gather(*(encoder.encode_images(one) for _ in range(concurrency)))
@@ -157,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", type=Path, default=default_model_dir())
     parser.add_argument("--providers", default="CPUExecutionProvider", help="comma-separated, best first")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = ORT default)")
+    parser.add_argument("--workers", type=int, default=0, help="image model sessions (0 = the encoder's default)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--seconds", type=float, default=4.0, help="time budget per case")
     parser.add_argument("--concurrency", type=int, default=16)

@@ -18,12 +18,13 @@ from imgsearch.api.index.v1 import index_pb2
 from imgsearch.api.tagger.v1 import tagger_pb2
 from imgsearch.gateway.core import Gateway, NewImage
 from imgsearch.gateway.heads import HeadConfig, ShardHeads, StoredSignals
-from imgsearch.gateway.peers import Hit, NewRecord, RankedTags, StoredRecord
+from imgsearch.gateway.peers import Hit, NewRecord, RankedTags, ShardQuery, StoredRecord
 from imgsearch.gateway.settings import GatewaySettings
 from imgsearch.heads import HeadCatalog, save_head
 from imgsearch.kit.convert import Matrix, item_error
 from imgsearch.kit.encoder_client import EncodedImage
 from imgsearch.kit.errors import FailedPrecondition, ImgsearchError, InvalidArgument, Unavailable
+from imgsearch.kit.peers import PeerError
 from imgsearch.models.manifest import ModelInfo
 
 FEATURE_DIM = 1280
@@ -155,6 +156,8 @@ class FakeShard:
     down: bool = False
     # Raised by every search (e.g. InvalidArgument, to model a query the shard refuses).
     search_error: ImgsearchError | None = None
+    # Seconds a search takes (a hung shard): past the caller's budget it answers DEADLINE_EXCEEDED.
+    search_delay: float = 0.0
     # While set and not yet released, scan_missing waits on it (holds a backfill part way).
     scan_gate: asyncio.Event | None = None
     # Raised by every scan (a shard that answers GetHeadState but refuses Scan).
@@ -178,20 +181,45 @@ class FakeShard:
         return ShardHeads(self.name, self.config, len(self.records), vectors, self.last_write_ms)
 
     async def search(
-        self, space: int, query: Matrix, k: int, exclude: Sequence[str], head: str, timeout: float
+        self,
+        space: int,
+        query: Matrix,
+        k: int,
+        exclude: Sequence[str],
+        head: str,
+        timeout: float,
+        options: ShardQuery | None = None,
     ) -> list[Hit]:
         self._check()
         if self.search_error is not None:
             raise self.search_error
+        if self.search_delay:
+            await asyncio.sleep(min(self.search_delay, timeout))
+            if self.search_delay > timeout:
+                raise PeerError(grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline exceeded waiting for {self.name}")
         head = (head or self.config.active) if space == SPACE_SEMANTIC else ""
         self.searches.append((space, head))
+        o = options or ShardQuery()
+
+        def allowed(r: FakeRecord) -> bool:
+            if any(r.metadata.get(key) not in values for key, values in o.filter):
+                return False
+            if o.created_after_ms and r.created_ms < o.created_after_ms:
+                return False
+            return not (o.created_before_ms and r.created_ms >= o.created_before_ms)
+
         rows = [
             (r, r.visual if space == SPACE_VISUAL else r.semantics[head])
             for r in self.records.values()
-            if r.id not in exclude and (space == SPACE_VISUAL or head in r.semantics)
+            if r.id not in exclude and (space == SPACE_VISUAL or head in r.semantics) and allowed(r)
         ]
-        scored = sorted(((float(np.dot(v, query)), r) for r, v in rows), key=lambda t: -t[0])[:k]
-        return [Hit(r.id, s, dict(r.metadata), r.source_name, self.name) for s, r in scored]
+        scored = sorted(((float(np.dot(v, query)), r) for r, v in rows), key=lambda t: (-t[0], t[1].id))
+        if o.min_score is not None:
+            scored = [(sc, r) for sc, r in scored if sc >= o.min_score]
+        if o.after is not None:
+            after = o.after
+            scored = [(sc, r) for sc, r in scored if (-sc, r.id) > (-after.score, after.id)]
+        return [Hit(r.id, sc, dict(r.metadata), r.source_name, self.name) for sc, r in scored[:k]]
 
     async def upsert(self, records: Sequence[NewRecord], timeout: float) -> list[index_pb2.WriteResult]:
         self._check()
@@ -224,7 +252,7 @@ class FakeShard:
         return [index_pb2.WriteResult(id=i, changed=self.records.pop(i, None) is not None) for i in ids]
 
     async def get(
-        self, ids: Sequence[str], include_vectors: bool, timeout: float
+        self, ids: Sequence[str], include_vectors: bool, timeout: float, include_thumbnails: bool = False
     ) -> tuple[list[StoredRecord], list[str]]:
         self._check()
         found = [

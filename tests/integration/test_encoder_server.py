@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from prometheus_client.parser import text_string_to_metric_families
 
 from imgsearch.api.encoder.v1 import encoder_pb2, encoder_pb2_grpc
+from imgsearch.kit.convert import from_vector
 from tests.harness import ServiceProcess
 
 SERVICE = "imgsearch.encoder.v1.EncoderService"
@@ -95,13 +96,15 @@ def test_encode_images_classifies_real_photos(
     assert resp.model_version == info.image_model_version
     cat, coffee = (r.encoding for r in resp.results)
     assert (cat.width, cat.height) == (451, 300)
-    assert len(cat.features.values) == 1280 and len(cat.logits.values) == 1000
-    assert int(np.argmax(cat.logits.values)) in CAT_CLASSES
-    coffee_top3 = {info.class_labels[i] for i in np.argsort(coffee.logits.values)[-3:]}
+    # Vectors travel packed (little-endian float32 bytes), not as repeated floats.
+    assert cat.features.packed_f32 and not cat.features.values
+    features, logits = from_vector(cat.features, 1280), from_vector(cat.logits, 1000)
+    assert int(np.argmax(logits)) in CAT_CLASSES
+    coffee_top3 = {info.class_labels[i] for i in np.argsort(from_vector(coffee.logits))[-3:]}
     assert coffee_top3 & {"espresso", "tea cup", "coffee mug"}, coffee_top3
     without = stub.EncodeImages(images(("chelsea.png", sample_photos["cat"])), timeout=60)
     assert not without.results[0].encoding.HasField("logits")
-    np.testing.assert_allclose(without.results[0].encoding.features.values, cat.features.values, atol=1e-4)
+    np.testing.assert_allclose(from_vector(without.results[0].encoding.features), features, atol=1e-4)
 
 
 def test_bad_items_fail_alone_and_the_server_keeps_serving(
@@ -154,7 +157,7 @@ def test_encode_texts(stub: encoder_pb2_grpc.EncoderServiceStub) -> None:
     assert [r.WhichOneof("result") for r in resp.results] == ["embedding", "error", "embedding", "error", "embedding"]
     assert resp.results[1].error.code == INVALID_ARGUMENT and "text 1" in resp.results[1].error.message
     assert "2001 characters" in resp.results[3].error.message
-    vecs = {i: np.array(resp.results[i].embedding.values) for i in (0, 2, 4)}
+    vecs = {i: from_vector(resp.results[i].embedding) for i in (0, 2, 4)}
     for v in vecs.values():
         assert v.shape == (384,) and abs(np.linalg.norm(v) - 1.0) < 1e-5
     assert vecs[0] @ vecs[2] > vecs[0] @ vecs[4]

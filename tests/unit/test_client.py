@@ -21,6 +21,7 @@ from imgsearch.client import (
     AsyncGatewayClient,
     GatewayClient,
     ImageToAdd,
+    SearchFilter,
     StoredImage,
     StoredImages,
     TagResults,
@@ -126,6 +127,29 @@ class FakeGateway(gateway_pb2_grpc.GatewayServiceServicer):
         meta.partial = True
         meta.failed_shards.append("s1")
         return gateway_pb2.SearchByImageResponse(hits=self._hits(request.k), meta=meta)
+
+    async def SearchByTexts(
+        self, request: gateway_pb2.SearchByTextsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> gateway_pb2.SearchByTextsResponse:
+        self._record("SearchByTexts", request, context)
+        meta = gateway_pb2.SearchMeta(space=common_pb2.SPACE_SEMANTIC, shards_total=1)
+        results = []
+        for q in request.queries:
+            if q.strip():
+                results.append(gateway_pb2.TextSearchResult(query=q, hits=self._hits(request.k), meta=meta))
+            else:
+                error = common_pb2.ItemError(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message="query is empty")
+                results.append(gateway_pb2.TextSearchResult(query=q, error=error))
+        return gateway_pb2.SearchByTextsResponse(results=results)
+
+    async def SearchByExamples(
+        self, request: gateway_pb2.SearchByExamplesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> gateway_pb2.SearchByExamplesResponse:
+        self._record("SearchByExamples", request, context)
+        examples = {*request.positive_ids, *request.negative_ids}
+        meta = gateway_pb2.SearchMeta(space=request.space or common_pb2.SPACE_VISUAL, shards_total=1)
+        hits = [h for h in self._hits(MAX_K) if h.id not in examples][: request.k]
+        return gateway_pb2.SearchByExamplesResponse(hits=hits, meta=meta, next_page_token="next" if hits else "")
 
     async def SearchById(
         self, request: gateway_pb2.SearchByIdRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -348,3 +372,19 @@ def test_addresses_without_a_usable_port_are_refused(address: str, words: str) -
 @pytest.mark.parametrize("address", ["127.0.0.1:50050", "localhost:1", "[::1]:50050", "dns:///gw:443", "unix:/tmp/s"])
 def test_dialable_addresses_pass(address: str) -> None:
     assert check_address(f" {address} ") == address
+
+
+async def test_search_options_batches_and_examples_reach_the_wire(fake: FakeGateway, address: str) -> None:
+    f = SearchFilter(metadata={"album": ["a", "b"], "owner": "kim"}, created_after=5, min_score=0.25)
+    async with AsyncGatewayClient(address) as client:
+        await client.search_text("dogs", filter=f, page_token="tok")
+        batch = await client.search_texts(["dogs", "  "], k=3)
+        more = await client.search_by_examples(["x"], ["y"], text="red", space="semantic")
+    sent, _ = fake.last("SearchByText")
+    assert [(t.key, list(t.values)) for t in sent.options.filter] == [("album", ["a", "b"]), ("owner", ["kim"])]
+    assert sent.options.created_after_unix_ms == 5 and sent.options.min_score == pytest.approx(0.25)
+    assert sent.options.page_token == "tok" and sent.k == 10
+    assert batch[0].results is not None and batch[1].results is None and batch[1].code == "INVALID_ARGUMENT"
+    examples, _ = fake.last("SearchByExamples")
+    assert list(examples.positive_ids) == ["x"] and list(examples.negative_ids) == ["y"] and examples.text == "red"
+    assert examples.space == common_pb2.SPACE_SEMANTIC and more.space == "semantic"

@@ -273,7 +273,7 @@ async def test_a_shard_refusing_the_query_fails_the_whole_search(filled: Cluster
 async def test_search_arguments_are_checked(filled: Cluster) -> None:
     for call in (
         filled.gw.search_by_text("   ", 3, TIMEOUT),
-        filled.gw.search_by_text("sunset", 0, TIMEOUT),
+        filled.gw.search_by_text("sunset", 1001, TIMEOUT),
         filled.gw.search_by_image(b"", 3, SPACE_VISUAL, TIMEOUT),
     ):
         with pytest.raises(InvalidArgument):
@@ -356,6 +356,6 @@ async def test_tag_image_passes_the_active_head_and_the_last_vocabulary_version(
     np.testing.assert_array_equal(call.features, image_features(data))
     assert call.logits is not None
     np.testing.assert_array_equal(call.logits, image_logits(data))
-    with pytest.raises(InvalidArgument):
-        await filled.gw.tag_image(data, 0, 0, TIMEOUT)
-    assert len(filled.tagger.rank_calls) == 1
+    # Unset k (0 on the wire) means the default, 10, as everywhere.
+    await filled.gw.tag_image(data, 0, 0, TIMEOUT)
+    assert filled.tagger.rank_calls[-1].top_k == 10

@@ -196,7 +196,8 @@ async def test_errors_carry_the_core_message_and_a_mapped_status(served: Served,
             "message": "query is empty: give a few words describing the images to find",
         }
     }
-    for k in ("0", "-5", "100000", "99999999999"):
+    # k=0 is the wire's "unset" (the default, 10), as over gRPC; below 0 or above max_k is refused.
+    for k in ("-5", "100000", "99999999999"):
         r = await call(c, "GET", f"/v1/search/text?q=dogs&k={k}")
         assert r.status == 400, r.body
         assert r.body["error"]["message"] == _core_message(lambda k=k: check_k(int(k), 1000)), r.body

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,8 @@ from imgsearch.client.domain import (
     ImageSource,
     ImageToAdd,
     ItemOutcome,
+    QueryResult,
+    SearchFilter,
     SearchResults,
     StoredImages,
     Tag,
@@ -79,20 +81,42 @@ class AsyncGatewayClient:
     # ---- images ---------------------------------------------------------------------------------
 
     async def add_images(
-        self, images: Iterable[ImageToAdd] | AsyncIterable[ImageToAdd], timeout: float | None = None
+        self,
+        images: Iterable[ImageToAdd] | AsyncIterable[ImageToAdd],
+        timeout: float | None = None,
+        on_result: Callable[[ItemOutcome], None] | None = None,
     ) -> list[ItemOutcome]:
-        """Stream images in one call; one outcome per image, in order."""
+        """Stream images in one call; one outcome per image, in order.
 
-        async def requests() -> AsyncIterator[gateway_pb2.AddImagesRequest]:
+        on_result, when given, is called with each outcome as soon as the gateway has stored (or failed)
+        that image, while later images are still being sent.
+        """
+        outcomes = []
+        async for o in self.add_images_stream(images, timeout):
+            outcomes.append(o)
+            if on_result is not None:
+                on_result(o)
+        return sorted(outcomes, key=lambda o: o.position)
+
+    async def add_images_stream(
+        self, images: Iterable[ImageToAdd] | AsyncIterable[ImageToAdd], timeout: float | None = None
+    ) -> AsyncIterator[ItemOutcome]:
+        """Stream images in; yield each image's outcome as it is stored (completion order, see `position`)."""
+
+        async def requests() -> AsyncIterator[gateway_pb2.AddImagesStreamRequest]:
             if isinstance(images, AsyncIterable):
                 async for im in images:
-                    yield convert.add_request(im)
+                    yield convert.add_stream_request(im)
             else:
                 for im in images:
-                    yield convert.add_request(im)
+                    yield convert.add_stream_request(im)
 
-        resp = await self._call(self.stub.AddImages, requests(), timeout or max(self.timeout, ADD_TIMEOUT))
-        return convert.add_outcomes(resp)
+        call = self.stub.AddImagesStream(
+            requests(), timeout=timeout or max(self.timeout, ADD_TIMEOUT), metadata=self.connection.metadata
+        )
+        async for resp in call:
+            for o in convert.add_outcomes(resp):
+                yield o
 
     async def delete_images(self, ids: Sequence[str] | str) -> DeleteResults:
         req = gateway_pb2.DeleteImagesRequest(ids=convert.ids(ids))
@@ -104,20 +128,61 @@ class AsyncGatewayClient:
 
     # ---- searches -------------------------------------------------------------------------------
 
-    async def search_text(self, query: str, k: int | None = None) -> SearchResults:
-        r = await self._call(self.stub.SearchByText, convert.search_text_request(query, k))
-        return convert.search_results(r.hits, r.meta)
+    async def search_text(
+        self, query: str, k: int | None = None, filter: SearchFilter | None = None, page_token: str | None = None
+    ) -> SearchResults:
+        """Images matching a text query; `filter` narrows it, `page_token` (from the last page) pages on."""
+        r = await self._call(self.stub.SearchByText, convert.search_text_request(query, k, filter, page_token))
+        return convert.search_results(r.hits, r.meta, r.next_page_token)
 
-    async def search_image(self, image: ImageSource, k: int | None = None, space: str = "visual") -> SearchResults:
+    async def search_texts(
+        self, queries: Sequence[str], k: int | None = None, filter: SearchFilter | None = None
+    ) -> list[QueryResult]:
+        """Several text queries in one call; each succeeds or fails alone."""
+        r = await self._call(self.stub.SearchByTexts, convert.search_texts_request(queries, k, filter))
+        return convert.query_results(r)
+
+    async def search_image(
+        self,
+        image: ImageSource,
+        k: int | None = None,
+        space: str = "visual",
+        filter: SearchFilter | None = None,
+        page_token: str | None = None,
+    ) -> SearchResults:
         """Images like `image` (bytes, or a path to read)."""
-        r = await self._call(self.stub.SearchByImage, convert.search_image_request(image, k, space))
-        return convert.search_results(r.hits, r.meta)
+        request = convert.search_image_request(image, k, space, filter, page_token)
+        r = await self._call(self.stub.SearchByImage, request)
+        return convert.search_results(r.hits, r.meta, r.next_page_token)
 
     async def similar(
-        self, image_id: str, k: int | None = None, space: str = "visual", include_self: bool = False
+        self,
+        image_id: str,
+        k: int | None = None,
+        space: str = "visual",
+        include_self: bool = False,
+        filter: SearchFilter | None = None,
+        page_token: str | None = None,
     ) -> SearchResults:
-        r = await self._call(self.stub.SearchById, convert.similar_request(image_id, k, space, include_self))
-        return convert.search_results(r.hits, r.meta)
+        """Images like a stored one."""
+        request = convert.similar_request(image_id, k, space, include_self, filter, page_token)
+        r = await self._call(self.stub.SearchById, request)
+        return convert.search_results(r.hits, r.meta, r.next_page_token)
+
+    async def search_by_examples(
+        self,
+        positive: Sequence[str] = (),
+        negative: Sequence[str] = (),
+        text: str = "",
+        k: int | None = None,
+        space: str | None = None,
+        filter: SearchFilter | None = None,
+        page_token: str | None = None,
+    ) -> SearchResults:
+        """Relevance feedback: images like the `positive` ids, unlike the `negative` ones, optionally with text."""
+        request = convert.examples_request(positive, negative, text, k, space, filter, page_token)
+        r = await self._call(self.stub.SearchByExamples, request)
+        return convert.search_results(r.hits, r.meta, r.next_page_token)
 
     # ---- tags -----------------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, is_dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,6 +29,7 @@ from imgsearch.client.domain import (
     HeadSwitchStatus,
     ImageToAdd,
     ItemOutcome,
+    SearchFilter,
     SearchResults,
     TagResults,
 )
@@ -35,7 +37,9 @@ from imgsearch.client.sync import GatewayClient
 
 PROG = "imgsearch"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"}
-ADD_CHUNK = 256  # images per streaming call, so a long import is acknowledged as it goes
+# Images per streaming call: results stream back as images are stored, so this only bounds one call's
+# length (its deadline is at least 300 s: 512 images fit at 2 images/s) and what a dropped connection loses.
+ADD_CHUNK = 512
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -139,9 +143,10 @@ def positional(name: str, help: str, **kwargs: Any) -> Callable[[F], F]:
     return click.argument(name, help=help, **kwargs)
 
 
-def k_option(what: str) -> Callable[[F], F]:
+def k_option(what: str, page: bool = False) -> Callable[[F], F]:
+    names = ["-k", "--page-size"] if page else ["-k"]
     return click.option(
-        "-k",
+        *names,
         "k",
         type=click.IntRange(min=1),
         default=DEFAULT_K,
@@ -168,6 +173,83 @@ def filter_option(what: str) -> Callable[[F], F]:
         default="all",
         show_default=True,
         help=f"{what}: all tags, seen ones (shipped) or unseen ones (added live).",
+    )
+
+
+def _when(value: str) -> datetime | int:
+    """An ISO date or date-time (UTC unless it says otherwise), or Unix milliseconds."""
+    if value.isdigit():
+        return int(value)
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is neither an ISO date (2026-11-30, 2026-11-30T08:00) nor Unix ms"
+        ) from None
+
+
+def _terms(values: Sequence[str]) -> dict[str, list[str]]:
+    terms: dict[str, list[str]] = {}
+    for raw in values:
+        key, sep, value = raw.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{raw!r} is not KEY=VALUE", param_hint="'--filter'")
+        # The same key given twice means either value (IN); different keys must all match (AND).
+        terms.setdefault(key, []).append(value)
+    return terms
+
+
+def search_options(f: F) -> F:
+    """--filter/--after/--before/--min-score/--page-token on every search command."""
+    options = [
+        click.option(
+            "--filter",
+            "filters",
+            multiple=True,
+            metavar="KEY=VALUE",
+            show_default="no filter",
+            help="Only images whose metadata KEY is VALUE; repeat a key for any of several values, "
+            "different keys must all match.",
+        ),
+        click.option(
+            "--after",
+            "after",
+            metavar="WHEN",
+            show_default="any time",
+            help="Only images added at or after WHEN (ISO date or Unix ms).",
+        ),
+        click.option(
+            "--before",
+            "before",
+            metavar="WHEN",
+            show_default="any time",
+            help="Only images added before WHEN (ISO date or Unix ms).",
+        ),
+        click.option(
+            "--min-score", type=float, default=None, show_default="none", help="Only hits scoring at least this."
+        ),
+        click.option(
+            "--page-token",
+            default="",
+            show_default="first page",
+            help="next_page_token of the previous page (same query and filter) for the next page.",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def search_filter(
+    filters: Sequence[str], after: str | None, before: str | None, min_score: float | None
+) -> SearchFilter | None:
+    if not (filters or after or before or min_score is not None):
+        return None
+    return SearchFilter(
+        metadata=_terms(filters),
+        created_after=_when(after) if after else None,
+        created_before=_when(before) if before else None,
+        min_score=min_score,
     )
 
 
@@ -211,6 +293,8 @@ def search_text(res: SearchResults) -> str:
         lines.append(f"(partial: shards {', '.join(res.failed_shards)} did not answer)")
     if not res.hits:
         lines.append("(no results)")
+    if res.next_page_token:
+        lines.append(f"(more: add --page-token {res.next_page_token} for the next page)")
     return "\n".join(lines)
 
 
@@ -277,16 +361,25 @@ def add_cmd(paths: tuple[Path, ...], meta: dict[str, str], content_ids: bool) ->
     """Add image files or folders; ids are the file names without suffix (paths inside a folder)."""
     files = collect(paths)
     outcomes: list[ItemOutcome] = []
+    # The bar counts images the gateway has stored (or refused), as it reports them, not files sent.
     bar = tqdm(total=len(files), unit="img", disable=settings().json or not sys.stderr.isatty(), file=sys.stderr)
 
     def stream(chunk: list[tuple[Path, str]]) -> Iterator[ImageToAdd]:
         for path, image_id in chunk:
             yield ImageToAdd.from_path(path, "" if content_ids else image_id, meta)
-            bar.update(1)
 
     with settings().client() as client:
         for start in range(0, len(files), ADD_CHUNK):
-            outcomes.extend(client.add_images(stream(files[start : start + ADD_CHUNK])))
+            chunk = files[start : start + ADD_CHUNK]
+            done: list[ItemOutcome] = []
+            for o in client.add_images_stream(stream(chunk)):
+                done.append(o)
+                bar.update(1)
+                if not o.ok and not bar.disable:
+                    # Failures show as they happen; the summary below lists them again with the rest.
+                    bar.write(outcome_line(start + o.position + 1, str(chunk[o.position][0]), o, "added"), sys.stderr)
+                    bar.set_postfix(failed=sum(not d.ok for d in done) + sum(not d.ok for d in outcomes))
+            outcomes.extend(sorted(done, key=lambda o: o.position))
     bar.close()
     failed = sum(not o.ok for o in outcomes)
     lines = [
@@ -300,39 +393,115 @@ def add_cmd(paths: tuple[Path, ...], meta: dict[str, str], content_ids: bool) ->
 
 @cli.command("search-text")
 @positional("query", "Free text, e.g. 'two dogs playing in the snow'.")
-@k_option("results")
+@k_option("results", page=True)
+@search_options
 @global_options
-def search_text_cmd(query: str, k: int) -> int:
+def search_text_cmd(
+    query: str,
+    k: int,
+    filters: tuple[str, ...],
+    after: str | None,
+    before: str | None,
+    min_score: float | None,
+    page_token: str,
+) -> int:
     """Find images matching a text query (semantic space)."""
+    f = search_filter(filters, after, before, min_score)
     with settings().client() as client:
-        res = client.search_text(query, k)
+        res = client.search_text(query, k, f, page_token)
     emit(res, search_text(res))
     return 0
 
 
 @cli.command("search-image")
 @positional("path", "Image file to search with.", type=IMAGE_FILE)
-@k_option("results")
+@k_option("results", page=True)
 @space_option
+@search_options
 @global_options
-def search_image_cmd(path: Path, k: int, space: str) -> int:
+def search_image_cmd(
+    path: Path,
+    k: int,
+    space: str,
+    filters: tuple[str, ...],
+    after: str | None,
+    before: str | None,
+    min_score: float | None,
+    page_token: str,
+) -> int:
     """Find images similar to an image file."""
+    f = search_filter(filters, after, before, min_score)
     with settings().client() as client:
-        res = client.search_image(path, k, space)
+        res = client.search_image(path, k, space, f, page_token)
     emit(res, search_text(res))
     return 0
 
 
 @cli.command("similar")
 @positional("image_id", "Id of a stored image.", metavar="ID")
-@k_option("results")
+@k_option("results", page=True)
 @space_option
 @click.option("--include-self", is_flag=True, default=False, show_default="off", help="List the image itself too.")
+@search_options
 @global_options
-def similar_cmd(image_id: str, k: int, space: str, include_self: bool) -> int:
+def similar_cmd(
+    image_id: str,
+    k: int,
+    space: str,
+    include_self: bool,
+    filters: tuple[str, ...],
+    after: str | None,
+    before: str | None,
+    min_score: float | None,
+    page_token: str,
+) -> int:
     """Find images similar to a stored image."""
+    f = search_filter(filters, after, before, min_score)
     with settings().client() as client:
-        res = client.similar(image_id, k, space, include_self)
+        res = client.similar(image_id, k, space, include_self, f, page_token)
+    emit(res, search_text(res))
+    return 0
+
+
+@cli.command("more-like")
+@positional("positive", "Ids of stored images the results should look like.", metavar="ID...", nargs=-1)
+@click.option(
+    "--not",
+    "negative",
+    multiple=True,
+    metavar="ID",
+    show_default="none",
+    help="Id of a stored image the results should not look like (repeatable).",
+)
+@click.option("--text", default="", show_default="none", help="Text to combine with the examples (semantic space).")
+@k_option("results", page=True)
+@click.option(
+    "--space",
+    type=click.Choice(SPACE_NAMES),
+    default=None,
+    show_default="semantic with --text, else visual",
+    help="visual: by appearance; semantic: by meaning.",
+)
+@search_options
+@global_options
+def more_like_cmd(
+    positive: tuple[str, ...],
+    negative: tuple[str, ...],
+    text: str,
+    k: int,
+    space: str | None,
+    filters: tuple[str, ...],
+    after: str | None,
+    before: str | None,
+    min_score: float | None,
+    page_token: str,
+) -> int:
+    """Relevance feedback: images like some stored images and unlike others (Rocchio), optionally with text."""
+    if not positive and not text:
+        raise click.UsageError("give at least one example ID or --text")
+    f = search_filter(filters, after, before, min_score)
+    with settings().client() as client:
+        res = client.search_by_examples(positive, negative, text, k, space, f, page_token)
     emit(res, search_text(res))
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
 
 import grpc
 
@@ -18,6 +19,8 @@ from imgsearch.client.domain import (
     ImageSource,
     ImageToAdd,
     ItemOutcome,
+    QueryResult,
+    SearchFilter,
     SearchResults,
     ShardHeadProgress,
     StoredImage,
@@ -79,17 +82,90 @@ def add_request(image: ImageToAdd) -> gateway_pb2.AddImagesRequest:
     )
 
 
-def search_text_request(query: str, k: int | None) -> gateway_pb2.SearchByTextRequest:
-    return gateway_pb2.SearchByTextRequest(query=query, k=k_or_default(k))
+def _unix_ms(value: datetime | int | None) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, datetime):
+        # A naive datetime is taken as UTC, so the same call means the same instant on every machine.
+        aware = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+        return int(aware.timestamp() * 1000)
+    return int(value)
 
 
-def search_image_request(image: ImageSource, k: int | None, space_name: str) -> gateway_pb2.SearchByImageRequest:
-    return gateway_pb2.SearchByImageRequest(image=read_image(image), k=k_or_default(k), space=space(space_name))
+def search_options(f: SearchFilter | None, page_token: str | None = None) -> gateway_pb2.SearchOptions:
+    """The wire form of a SearchFilter plus a page token."""
+    out = gateway_pb2.SearchOptions(page_token=page_token or "")
+    if f is None:
+        return out
+    for key, value in f.metadata.items():
+        values = [value] if isinstance(value, str) else list(value)
+        out.filter.append(gateway_pb2.FilterTerm(key=key, values=values))
+    out.created_after_unix_ms = _unix_ms(f.created_after)
+    out.created_before_unix_ms = _unix_ms(f.created_before)
+    if f.min_score is not None:
+        out.min_score = f.min_score
+    return out
 
 
-def similar_request(image_id: str, k: int | None, space_name: str, include_self: bool) -> gateway_pb2.SearchByIdRequest:
+def add_stream_request(image: ImageToAdd) -> gateway_pb2.AddImagesStreamRequest:
+    return gateway_pb2.AddImagesStreamRequest(
+        id=image.id, image=image.data, metadata=image.metadata, source_name=image.source_name
+    )
+
+
+def search_text_request(
+    query: str, k: int | None, f: SearchFilter | None = None, page_token: str | None = None
+) -> gateway_pb2.SearchByTextRequest:
+    return gateway_pb2.SearchByTextRequest(query=query, k=k_or_default(k), options=search_options(f, page_token))
+
+
+def search_texts_request(
+    queries: Sequence[str], k: int | None, f: SearchFilter | None = None
+) -> gateway_pb2.SearchByTextsRequest:
+    return gateway_pb2.SearchByTextsRequest(queries=list(queries), k=k_or_default(k), options=search_options(f))
+
+
+def search_image_request(
+    image: ImageSource, k: int | None, space_name: str, f: SearchFilter | None = None, page_token: str | None = None
+) -> gateway_pb2.SearchByImageRequest:
+    return gateway_pb2.SearchByImageRequest(
+        image=read_image(image), k=k_or_default(k), space=space(space_name), options=search_options(f, page_token)
+    )
+
+
+def similar_request(
+    image_id: str,
+    k: int | None,
+    space_name: str,
+    include_self: bool,
+    f: SearchFilter | None = None,
+    page_token: str | None = None,
+) -> gateway_pb2.SearchByIdRequest:
     return gateway_pb2.SearchByIdRequest(
-        id=image_id, k=k_or_default(k), space=space(space_name), include_self=include_self
+        id=image_id,
+        k=k_or_default(k),
+        space=space(space_name),
+        include_self=include_self,
+        options=search_options(f, page_token),
+    )
+
+
+def examples_request(
+    positive: Sequence[str],
+    negative: Sequence[str],
+    text: str,
+    k: int | None,
+    space_name: str | None,
+    f: SearchFilter | None = None,
+    page_token: str | None = None,
+) -> gateway_pb2.SearchByExamplesRequest:
+    return gateway_pb2.SearchByExamplesRequest(
+        positive_ids=list(positive),
+        negative_ids=list(negative),
+        text=text,
+        k=k_or_default(k),
+        space=space(space_name) if space_name else common_pb2.SPACE_UNSPECIFIED,
+        options=search_options(f, page_token),
     )
 
 
@@ -113,7 +189,7 @@ def ids(values: Sequence[str] | str) -> list[str]:
 # ---- responses -----------------------------------------------------------------------------------
 
 
-def add_outcomes(resp: gateway_pb2.AddImagesResponse) -> list[ItemOutcome]:
+def add_outcomes(resp: gateway_pb2.AddImagesResponse | gateway_pb2.AddImagesStreamResponse) -> list[ItemOutcome]:
     return [outcome(r.id, r.error if r.HasField("error") else None, r.created, r.position) for r in resp.results]
 
 
@@ -127,14 +203,31 @@ def stored_images(resp: gateway_pb2.GetImagesResponse) -> StoredImages:
     return StoredImages(images, list(resp.missing_ids), resp.partial)
 
 
-def search_results(hits: Iterable[common_pb2.SearchHit], meta: gateway_pb2.SearchMeta) -> SearchResults:
+def search_results(
+    hits: Iterable[common_pb2.SearchHit], meta: gateway_pb2.SearchMeta, next_page_token: str = ""
+) -> SearchResults:
     return SearchResults(
         hits=[Hit(h.id, h.score, dict(h.metadata), h.source_name, h.shard) for h in hits],
         partial=meta.partial,
         failed_shards=list(meta.failed_shards),
         space=_SPACE_NAMES.get(meta.space, "unspecified"),
         head=meta.head,
+        next_page_token=next_page_token,
     )
+
+
+def query_results(resp: gateway_pb2.SearchByTextsResponse) -> list[QueryResult]:
+    out = []
+    for r in resp.results:
+        if r.HasField("error"):
+            code = grpc.StatusCode.UNKNOWN.name
+            for status in grpc.StatusCode:
+                if status.value[0] == r.error.code:
+                    code = status.name
+            out.append(QueryResult(r.query, None, r.error.message, code))
+        else:
+            out.append(QueryResult(r.query, search_results(r.hits, r.meta, r.next_page_token)))
+    return out
 
 
 def tag_results(resp: gateway_pb2.TagImageResponse) -> TagResults:

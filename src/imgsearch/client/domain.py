@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import NamedTuple
 
@@ -39,6 +40,30 @@ class SearchResults:
     failed_shards: list[str]
     space: str
     head: str
+    # Pass as page_token (same query and filter) for the next page; empty after the last one.
+    next_page_token: str = ""
+
+
+@dataclass(frozen=True)
+class SearchFilter:
+    """What narrows a search: metadata (key -> value, or any of several values; all keys must match),
+    the time an image was added (datetime, or Unix milliseconds; after inclusive, before exclusive), and a
+    minimum score."""
+
+    metadata: Mapping[str, str | Sequence[str]] = field(default_factory=dict)
+    created_after: datetime | int | None = None
+    created_before: datetime | int | None = None
+    min_score: float | None = None
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """One query of a batch: its results, or why it failed (the others are unaffected)."""
+
+    query: str
+    results: SearchResults | None
+    error: str | None = None
+    code: str | None = None
 
 
 @dataclass(frozen=True)

@@ -217,7 +217,7 @@ def channel(
         ("grpc.service_config", _SERVICE_CONFIG),
         # Reconnect quickly after a peer restarts (default backoff reaches minutes).
         ("grpc.initial_reconnect_backoff_ms", 200),
-        ("grpc.max_reconnect_backoff_ms", 2_000),
+        ("grpc.max_reconnect_backoff_ms", 1_000),
     ]
     # First in the list runs outermost: errors are mapped after the tracing interceptor recorded the raw status.
     interceptors = [*peer_interceptors(peer or DEFAULT_PEER, address, token), *tracing.client_interceptors()]

@@ -1,4 +1,8 @@
-"""Dynamic micro-batching: items from concurrent requests share one model call in a worker thread."""
+"""Dynamic micro-batching: items from concurrent requests share one model call in a worker thread.
+
+With several workers (one per model session, see EncoderSettings.image_workers) batches run side by side:
+the next batch is collected while the others run, and goes to the first worker that is free.
+"""
 
 from __future__ import annotations
 
@@ -51,8 +55,9 @@ class BatchStats:
 class MicroBatcher(Generic[T, R]):
     """Collect items into batches of up to max_batch, waiting at most max_wait after the first one.
 
-    One worker thread runs the model, so batches of one kind never compete for the same cores, and
-    items that arrive while a batch runs are picked up together as the next batch.
+    `workers` threads run the model (default one, so batches of one kind never compete for the same
+    cores); items that arrive while every worker is busy are picked up together as the next batch.
+    run_batch must be safe to call from `workers` threads at once (e.g. one model session per thread).
     """
 
     def __init__(
@@ -62,8 +67,12 @@ class MicroBatcher(Generic[T, R]):
         max_batch: int,
         max_wait_s: float,
         max_queue: int,
+        workers: int = 1,
     ) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
         self.kind = kind
+        self.workers = workers
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
@@ -71,7 +80,9 @@ class MicroBatcher(Generic[T, R]):
         self._run_batch = run_batch
         self._queue: asyncio.Queue[_Pending[T, R]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"encoder-{kind}")
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"encoder-{kind}")
+        self._free = asyncio.Semaphore(workers)
+        self._running: set[asyncio.Task[None]] = set()
         self._closed = False
 
     def check_capacity(self, n: int) -> None:
@@ -140,13 +151,31 @@ class MicroBatcher(Generic[T, R]):
         return batch
 
     async def _worker(self) -> None:
+        try:
+            while True:
+                # Wait for a free worker first: items keep queueing meanwhile and form the next batch.
+                await self._free.acquire()
+                try:
+                    batch = await self._collect()
+                except BaseException:
+                    self._free.release()
+                    raise
+                task = asyncio.get_running_loop().create_task(self._run(batch))
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
+        finally:
+            for task in list(self._running):
+                task.cancel()
+            if self._running:
+                await asyncio.gather(*self._running, return_exceptions=True)
+
+    async def _run(self, batch: list[_Pending[T, R]]) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            batch = await self._collect()
+        try:
             # Deadlines may have passed during the collection window.
             batch = [p for p in batch if self._usable(p, loop.time())]
             if not batch:
-                continue
+                return
             now = loop.time()
             for p in batch:
                 metrics.QUEUE_SECONDS.labels(self.kind).observe(now - p.enqueued)
@@ -166,7 +195,7 @@ class MicroBatcher(Generic[T, R]):
                 for p in batch:
                     if not p.future.done():
                         p.future.set_exception(exc)
-                continue
+                return
             metrics.INFERENCE_SECONDS.labels(self.kind).observe(time.perf_counter() - started)
             metrics.ITEMS.labels(self.kind).inc(len(batch))
             self.stats.batches += 1
@@ -175,6 +204,8 @@ class MicroBatcher(Generic[T, R]):
             for p, r in zip(batch, results, strict=True):
                 if not p.future.done():
                     p.future.set_result(r)
+        finally:
+            self._free.release()
 
     async def close(self) -> None:
         """Stop the worker; anything still queued fails with UNAVAILABLE."""

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from imgsearch.api.encoder.v1 import encoder_pb2
 from imgsearch.encoder.core import ImageEncoding, ImageItem, ImageResult, TextResult
-from imgsearch.kit.convert import item_error, to_vector
+from imgsearch.kit.convert import item_error, packed
 from imgsearch.models.manifest import ModelInfo
 
 
@@ -17,9 +17,9 @@ def image_items(request: encoder_pb2.EncodeImagesRequest) -> list[ImageItem]:
 def image_result(result: ImageResult, include_logits: bool) -> encoder_pb2.EncodedImage:
     if not isinstance(result, ImageEncoding):
         return encoder_pb2.EncodedImage(error=item_error(result))
-    encoding = encoder_pb2.ImageEncoding(features=to_vector(result.features), width=result.width, height=result.height)
+    encoding = encoder_pb2.ImageEncoding(features=packed(result.features), width=result.width, height=result.height)
     if include_logits:
-        encoding.logits.CopyFrom(to_vector(result.logits))
+        encoding.logits.CopyFrom(packed(result.logits))
     return encoder_pb2.EncodedImage(encoding=encoding)
 
 
@@ -34,7 +34,7 @@ def images_response(
 def text_result(result: TextResult) -> encoder_pb2.EncodedText:
     if isinstance(result, Exception):
         return encoder_pb2.EncodedText(error=item_error(result))
-    return encoder_pb2.EncodedText(embedding=to_vector(result))
+    return encoder_pb2.EncodedText(embedding=packed(result))
 
 
 def texts_response(results: Sequence[TextResult], model_version: str) -> encoder_pb2.EncodeTextsResponse:

@@ -60,6 +60,13 @@ class EncoderSettings(ServerSettings):
     )
     max_text_chars: int = Field(2000, ge=1, description="longest text accepted, in characters")
     decode_threads: int = Field(0, ge=0, le=256, description="image decoding threads (0 = min(4, CPU count))")
+    image_workers: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="image model sessions running batches side by side (0 = one per CPU core, at most 8, "
+        "on CPU; 1 on GPU); unless INTRA_OP_THREADS is set each gets CPU count / workers intra-op threads",
+    )
 
     def runtime_options(self) -> RuntimeOptions:
         """The model runtime's options from these settings."""

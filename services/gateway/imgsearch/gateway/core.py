@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import heapq
 import logging
 import time
 import unicodedata
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -19,8 +18,32 @@ import numpy as np
 from imgsearch.api.common.v1 import common_pb2
 from imgsearch.gateway import metrics
 from imgsearch.gateway.heads import Activation, HeadManager, HeadShard, project_images
-from imgsearch.gateway.peers import Encoder, Hit, NewRecord, RankedTags, Shard, StoredRecord, Tagger, shard_for
+from imgsearch.gateway.peers import (
+    Encoder,
+    Hit,
+    NewRecord,
+    RankedTags,
+    Shard,
+    ShardQuery,
+    StoredRecord,
+    Tagger,
+    shard_for,
+)
+from imgsearch.gateway.search import (
+    ROCCHIO,
+    Cursor,
+    Rocchio,
+    SearchOptions,
+    check_options,
+    decode_token,
+    default_k,
+    digest,
+    encode_token,
+    rank_key,
+    rocchio,
+)
 from imgsearch.gateway.settings import GatewaySettings
+from imgsearch.gateway.thumbnails import make_thumbnail
 from imgsearch.heads import HeadCatalog, head_id
 from imgsearch.kit.convert import Matrix, check_k, error_code
 from imgsearch.kit.errors import (
@@ -34,6 +57,8 @@ from imgsearch.kit.errors import (
 from imgsearch.kit.peers import PeerError
 
 log = logging.getLogger(__name__)
+
+NO_OPTIONS = SearchOptions()
 
 TOP_LOGITS = 32
 # Statuses a shard returns because the request itself is wrong: every shard would say the same,
@@ -66,12 +91,25 @@ class AddResult:
 
 
 @dataclass
+class _PreparedBatch:
+    """A batch of the add pipeline between encoding and storing."""
+
+    batch: list[tuple[int, NewImage]]
+    results: dict[int, AddResult] = field(default_factory=dict)
+    good: list[tuple[int, NewImage, str, Matrix, Matrix | None]] = field(default_factory=list)
+    # Small JPEGs by stream position, made while the encoder works (thumbnails on).
+    thumbnails: dict[int, bytes] = field(default_factory=dict)
+
+
+@dataclass
 class SearchResult:
     hits: list[Hit]
     space: int
     head: str = ""
     failed_shards: list[str] = field(default_factory=list)
     shards_total: int = 0
+    # For the page after this one (same query and options); empty when fewer than k hits came back.
+    next_page_token: str = ""
 
     @property
     def partial(self) -> bool:
@@ -206,26 +244,38 @@ class Gateway:
     # ---- writes ---------------------------------------------------------------------------------
 
     async def add_images(self, stream: AsyncIterator[NewImage], timeout: Callable[[], float]) -> list[AddResult]:
-        """Encode, project and store streamed images in batches; each image succeeds or fails alone."""
-        results: list[AddResult] = []
-        batch: list[tuple[int, NewImage]] = []
-        position = 0
-        async for image in stream:
-            batch.append((position, image))
-            position += 1
-            if len(batch) >= self.settings.add_batch_size:
-                results.extend(await self._add_batch(batch, timeout()))
-                batch = []
-        if batch:
-            results.extend(await self._add_batch(batch, timeout()))
-        if position == 0:
-            raise InvalidArgument("the stream contained no images")
-        for r in results:
-            metrics.IMAGES_ADDED.labels("error" if r.error else "ok").inc()
-        return results
+        """Encode, project and store streamed images in batches; each image succeeds or fails alone.
+
+        The same pipeline as add_images_stream; the results are returned together, in stream order.
+        """
+        results = [r async for done in self.add_images_stream(stream, timeout) for r in done]
+        return sorted(results, key=lambda r: r.position)
+
+    async def add_images_stream(
+        self, stream: AsyncIterator[NewImage], timeout: Callable[[], float]
+    ) -> AsyncGenerator[list[AddResult], None]:
+        """Yield the results of each batch of streamed images as soon as it is stored (or has failed).
+
+        A bounded pipeline overlaps the stages: while one batch is written to the shards, the next ones are
+        decoded and encoded and more images are received, at most ADD_PIPELINE_DEPTH batches (and about
+        ADD_INFLIGHT_BYTES of image data) at a time, so a fast sender is slowed by gRPC flow control rather
+        than buffered. Batches are written to the shards in stream order, so a later image with the same id
+        still replaces an earlier one. A failure of a whole call (the encoder unreachable) fails the stream.
+        """
+        # aclosing: when our caller stops early (or is cancelled), the pipeline stops its tasks now, not at GC.
+        async with contextlib.aclosing(_AddPipeline(self, timeout).run(stream)) as batches:
+            async for done in batches:
+                for r in done:
+                    metrics.IMAGES_ADDED.labels("error" if r.error else "ok").inc()
+                yield done
 
     async def _add_batch(self, batch: list[tuple[int, NewImage]], timeout: float) -> list[AddResult]:
-        results: dict[int, AddResult] = {}
+        return await self._store_prepared(await self._prepare_batch(batch, timeout), timeout)
+
+    async def _prepare_batch(self, batch: list[tuple[int, NewImage]], timeout: float) -> _PreparedBatch:
+        """Validate and encode one batch (the pipeline's parallel stage); nothing is stored yet."""
+        prepared = _PreparedBatch(batch)
+        results = prepared.results
         valid: list[tuple[int, NewImage, str]] = []
         for pos, image in batch:
             image_id = image.id or (content_id(image.data) if image.data else "")
@@ -240,26 +290,40 @@ class Gateway:
                 continue
             valid.append((pos, image, image_id))
         if valid:
-            encoded = await self.encoder.encode_images(
+            encoding = self.encoder.encode_images(
                 [(image.data, image.source_name or image_id) for _, image, image_id in valid],
                 include_logits=True,
                 timeout=timeout,
             )
-            good = []
+            if self.settings.thumbnails:
+                # Pillow decodes outside the GIL: thumbnails are made while the encoder works.
+                encoded, thumbs = await asyncio.gather(encoding, asyncio.to_thread(self._thumbnails, valid))
+                prepared.thumbnails = thumbs
+            else:
+                encoded = await encoding
             for (pos, image, image_id), enc in zip(valid, encoded, strict=True):
                 if enc.error is not None or enc.features is None:
                     results[pos].error = enc.error or InvalidArgument(f"image {pos} could not be encoded")
                 else:
-                    good.append((pos, image, image_id, enc.features, enc.logits))
-            if good:
-                await self._store(good, results, timeout)
-        return [results[pos] for pos, _ in batch]
+                    prepared.good.append((pos, image, image_id, enc.features, enc.logits))
+        return prepared
+
+    def _thumbnails(self, valid: list[tuple[int, NewImage, str]]) -> dict[int, bytes]:
+        size = self.settings.thumbnail_px
+        return {pos: make_thumbnail(image.data, size) for pos, image, _ in valid}
+
+    async def _store_prepared(self, prepared: _PreparedBatch, timeout: float) -> list[AddResult]:
+        """Project and write an encoded batch (the pipeline's ordered stage); its results in batch order."""
+        if prepared.good:
+            await self._store(prepared.good, prepared.results, timeout, prepared.thumbnails)
+        return [prepared.results[pos] for pos, _ in prepared.batch]
 
     async def _store(
         self,
         good: list[tuple[int, NewImage, str, Matrix, Matrix | None]],
         results: dict[int, AddResult],
         timeout: float,
+        thumbnails: dict[int, bytes] | None = None,
     ) -> None:
         features = np.stack([g[3] for g in good])
         logits = None if any(g[4] is None for g in good) else np.stack([g[4] for g in good if g[4] is not None])
@@ -274,7 +338,9 @@ class Gateway:
                 head_id(h): await asyncio.to_thread(project_images, self.heads.catalog, h, features, logits)
                 for h in heads
             }
-            stale = await self._write_records(good, pending, visual, norms, logits, semantics, results, timeout)
+            stale = await self._write_records(
+                good, pending, visual, norms, logits, semantics, results, timeout, thumbnails or {}
+            )
             if not stale or attempt == 1:
                 break
             await self.heads.refresh()
@@ -290,6 +356,7 @@ class Gateway:
         semantics: dict[str, Matrix],
         results: dict[int, AddResult],
         timeout: float,
+        thumbnails: dict[int, bytes],
     ) -> list[int]:
         """Write the given rows to their shards; returns rows refused for a stale head configuration."""
         by_shard: dict[str, list[tuple[int, NewRecord]]] = defaultdict(list)
@@ -303,6 +370,7 @@ class Gateway:
                 image.source_name,
                 feature_norm=float(norms[row]),
                 top_logits=[] if logits is None else top_logits(logits[row]),
+                thumbnail=thumbnails.get(good[row][0], b""),
             )
             by_shard[shard_for(image_id, self.shards).name].append((row, record))
         shards = {s.name: s for s in self.shards}
@@ -364,7 +432,9 @@ class Gateway:
 
     # ---- reads ----------------------------------------------------------------------------------
 
-    async def get_images(self, ids: Sequence[str], timeout: float) -> tuple[list[StoredRecord], list[str], bool]:
+    async def get_images(
+        self, ids: Sequence[str], timeout: float, include_vectors: bool = False, include_thumbnails: bool = False
+    ) -> tuple[list[StoredRecord], list[str], bool]:
         self.check_ids(ids)
         found: dict[str, StoredRecord] = {}
         missing: list[str] = []
@@ -373,7 +443,9 @@ class Gateway:
         async def run(shard: Shard, items: list[tuple[int, str]]) -> None:
             nonlocal partial
             try:
-                records, miss = await shard.get([image_id for _, image_id in items], False, timeout)
+                records, miss = await shard.get(
+                    [image_id for _, image_id in items], include_vectors, timeout, include_thumbnails
+                )
             except ImgsearchError as exc:
                 partial = True
                 metrics.SHARD_ERRORS.labels(shard.name, _code(exc)).inc()
@@ -387,14 +459,18 @@ class Gateway:
         ordered = [found[i] for i in dict.fromkeys(ids) if i in found]
         return ordered, missing, partial
 
-    async def search_by_image(self, data: bytes, k: int, space: int, timeout: float) -> SearchResult:
+    async def search_by_image(
+        self, data: bytes, k: int, space: int, timeout: float, options: SearchOptions = NO_OPTIONS
+    ) -> SearchResult:
         self.check_image(data, "query image")
-        check_k(k, self.settings.max_k)
+        k = check_k(default_k(k), self.settings.max_k)
+        check_options(options)
         space = space or common_pb2.SPACE_VISUAL
         semantic = space == common_pb2.SPACE_SEMANTIC
         (enc,) = await self.encoder.encode_images([(data, "query image")], include_logits=semantic, timeout=timeout)
         if enc.error is not None or enc.features is None:
             raise enc.error or InvalidArgument("query image could not be encoded")
+        query_key = digest("image", hashlib.sha256(data).digest())
         if semantic:
             head = self.heads.active()
             vectors = await asyncio.to_thread(
@@ -404,27 +480,99 @@ class Gateway:
                 enc.features[None, :],
                 None if enc.logits is None else enc.logits[None, :],
             )
-            return await self.fan_out("SearchByImage", space, vectors[0], k, [], head_id(head), timeout)
+            return await self.fan_out(
+                "SearchByImage", space, vectors[0], k, [], head_id(head), timeout, options, query_key
+            )
         query = enc.features / max(float(np.linalg.norm(enc.features)), 1e-12)
-        return await self.fan_out("SearchByImage", space, query, k, [], "", timeout)
+        return await self.fan_out("SearchByImage", space, query, k, [], "", timeout, options, query_key)
 
-    async def search_by_text(self, query: str, k: int, timeout: float) -> SearchResult:
+    def _clean_query(self, query: str, what: str = "query") -> str:
         text = " ".join(query.split())
         if not text:
-            raise InvalidArgument("query is empty: give a few words describing the images to find")
+            raise InvalidArgument(f"{what} is empty: give a few words describing the images to find")
         if len(text) > self.settings.max_query_chars:
-            raise InvalidArgument(f"query is {len(text)} characters long, the limit is {self.settings.max_query_chars}")
-        check_k(k, self.settings.max_k)
+            raise InvalidArgument(
+                f"{what} is {len(text)} characters long, the limit is {self.settings.max_query_chars}"
+            )
+        return text
+
+    async def search_by_text(
+        self, query: str, k: int, timeout: float, options: SearchOptions = NO_OPTIONS
+    ) -> SearchResult:
+        text = self._clean_query(query)
+        k = check_k(default_k(k), self.settings.max_k)
+        check_options(options)
         (emb,) = await self.encoder.encode_texts([text], timeout)
         if isinstance(emb, ImgsearchError):
             raise emb
-        head = self.heads.active()
-        vector = head.project_texts(emb[None, :])[0]
-        return await self.fan_out("SearchByText", common_pb2.SPACE_SEMANTIC, vector, k, [], head_id(head), timeout)
+        return await self._text_fan_out(text, emb, k, timeout, options)
 
-    async def search_by_id(self, image_id: str, k: int, space: int, include_self: bool, timeout: float) -> SearchResult:
+    async def _text_fan_out(
+        self, text: str, embedding: Matrix, k: int, timeout: float, options: SearchOptions
+    ) -> SearchResult:
+        head = self.heads.active()
+        vector = head.project_texts(embedding[None, :])[0]
+        return await self.fan_out(
+            "SearchByText",
+            common_pb2.SPACE_SEMANTIC,
+            vector,
+            k,
+            [],
+            head_id(head),
+            timeout,
+            options,
+            digest("text", text),
+        )
+
+    async def search_by_texts(
+        self, queries: Sequence[str], k: int, timeout: float, options: SearchOptions = NO_OPTIONS
+    ) -> list[SearchResult | ImgsearchError]:
+        """Several text queries: one encoder call, concurrent fan-outs; each query succeeds or fails alone."""
+        if not queries:
+            raise InvalidArgument("no queries given")
+        if len(queries) > self.settings.max_queries_per_request:
+            raise ResourceExhausted(
+                f"{len(queries)} queries in one request; the limit is {self.settings.max_queries_per_request}"
+            )
+        if options.page_token:
+            raise InvalidArgument("page_token is not allowed with several queries: page one query at a time")
+        k = check_k(default_k(k), self.settings.max_k)
+        check_options(options)
+        out: list[SearchResult | ImgsearchError] = []
+        texts: list[tuple[int, str]] = []
+        for i, query in enumerate(queries):
+            try:
+                texts.append((i, self._clean_query(query, f"query {i}")))
+                out.append(InvalidArgument("not searched"))
+            except ImgsearchError as exc:
+                out.append(exc)
+        if texts:
+            embeddings = await self.encoder.encode_texts([t for _, t in texts], timeout)
+
+            async def one(i: int, text: str, emb: Matrix | ImgsearchError) -> None:
+                if isinstance(emb, ImgsearchError):
+                    out[i] = emb
+                    return
+                try:
+                    out[i] = await self._text_fan_out(text, emb, k, timeout, options)
+                except ImgsearchError as exc:
+                    out[i] = exc
+
+            await asyncio.gather(*(one(i, t, e) for (i, t), e in zip(texts, embeddings, strict=True)))
+        return out
+
+    async def search_by_id(
+        self,
+        image_id: str,
+        k: int,
+        space: int,
+        include_self: bool,
+        timeout: float,
+        options: SearchOptions = NO_OPTIONS,
+    ) -> SearchResult:
         self.check_id(image_id)
-        check_k(k, self.settings.max_k)
+        k = check_k(default_k(k), self.settings.max_k)
+        check_options(options)
         space = space or common_pb2.SPACE_VISUAL
         home = shard_for(image_id, self.shards)
         try:
@@ -441,17 +589,108 @@ class Gateway:
         if vector is None:
             raise FailedPrecondition(f"image {image_id!r} has no stored vector in that space")
         exclude = [] if include_self else [image_id]
-        return await self.fan_out("SearchById", space, vector, k, exclude, head, timeout)
+        return await self.fan_out(
+            "SearchById", space, vector, k, exclude, head, timeout, options, digest("id", image_id, str(include_self))
+        )
+
+    async def search_by_examples(
+        self,
+        positive_ids: Sequence[str],
+        negative_ids: Sequence[str],
+        text: str,
+        k: int,
+        space: int,
+        timeout: float,
+        options: SearchOptions = NO_OPTIONS,
+        weights: Rocchio = ROCCHIO,
+    ) -> SearchResult:
+        """Relevance feedback (Rocchio 1971): move the query towards liked images and away from disliked ones.
+
+        q = a * text + b * mean(positives) - c * mean(negatives), normalised; with text the semantic space of
+        the active head is searched, else the space asked for. The examples are left out of the hits.
+        """
+        text = " ".join(text.split())
+        if not positive_ids and not text:
+            raise InvalidArgument("give at least one positive example id or some text to search with")
+        ids = [*positive_ids, *negative_ids]
+        if len(ids) > self.settings.max_ids_per_request:
+            raise ResourceExhausted(
+                f"{len(ids)} example ids in one request; the limit is {self.settings.max_ids_per_request}"
+            )
+        for i, image_id in enumerate(ids):
+            self.check_id(image_id, f"example id {i}")
+        if len(text) > self.settings.max_query_chars:
+            raise InvalidArgument(f"text is {len(text)} characters long, the limit is {self.settings.max_query_chars}")
+        k = check_k(default_k(k), self.settings.max_k)
+        check_options(options)
+        weights.check()
+        space = space or (common_pb2.SPACE_SEMANTIC if text else common_pb2.SPACE_VISUAL)
+        if text and space != common_pb2.SPACE_SEMANTIC:
+            raise InvalidArgument("text can only be combined with examples in the semantic space")
+        semantic = space == common_pb2.SPACE_SEMANTIC
+        head = self.heads.current().active if semantic else ""
+        vectors: dict[str, Matrix] = {}
+        if ids:
+            records, missing, partial = await self.get_images(ids, timeout, include_vectors=True)
+            if missing or partial:
+                absent = sorted(set(ids) - {r.id for r in records})
+                raise NotFound(f"example images not stored (or on an unavailable shard): {', '.join(absent)}")
+            for r in records:
+                v = r.semantics.get(head) if semantic else r.visual
+                if v is None:
+                    raise FailedPrecondition(f"image {r.id!r} has no stored vector in that space")
+                vectors[r.id] = v
+        text_vector = None
+        if text:
+            (emb,) = await self.encoder.encode_texts([text], timeout)
+            if isinstance(emb, ImgsearchError):
+                raise emb
+            text_vector = self.heads.catalog.get(head).project_texts(emb[None, :])[0]
+        query = rocchio(
+            text_vector,
+            [vectors[i] for i in positive_ids],
+            [vectors[i] for i in negative_ids],
+            weights,
+        )
+        key = digest("examples", text, ",".join(positive_ids), "|", ",".join(negative_ids), weights.key())
+        return await self.fan_out(
+            "SearchByExamples", space, query, k, list(dict.fromkeys(ids)), head, timeout, options, key
+        )
+
+    def shard_timeout(self, timeout: float) -> float:
+        """Each shard's share of the caller's deadline: a slow or hung shard is cut off in time for the
+        others' answer to reach the caller, marked partial and naming it."""
+        s = self.settings
+        return max(0.001, min(timeout * s.shard_deadline_fraction, s.shard_search_timeout_seconds))
 
     async def fan_out(
-        self, method: str, space: int, query: Matrix, k: int, exclude: list[str], head: str, timeout: float
+        self,
+        method: str,
+        space: int,
+        query: Matrix,
+        k: int,
+        exclude: list[str],
+        head: str,
+        timeout: float,
+        options: SearchOptions = NO_OPTIONS,
+        query_key: str = "",
     ) -> SearchResult:
         """Search every shard concurrently; merge the top k; a failed shard makes the result partial."""
+        token_digest = digest(method, str(space), head, query_key, options.key())
+        after = decode_token(options.page_token, token_digest)
+        shard_query = ShardQuery(
+            filter=options.filter,
+            created_after_ms=options.created_after_ms,
+            created_before_ms=options.created_before_ms,
+            min_score=options.min_score,
+            after=after,
+        )
+        budget = self.shard_timeout(timeout)
 
         async def one(shard: Shard) -> list[Hit]:
             start = time.perf_counter()
             try:
-                return await shard.search(space, query, k, exclude, head, timeout)
+                return await shard.search(space, query, k, exclude, head, budget, shard_query)
             finally:
                 metrics.FANOUT_SECONDS.labels(shard.name).observe(time.perf_counter() - start)
 
@@ -475,14 +714,15 @@ class Gateway:
             raise Unavailable("no index shard answered: " + "; ".join(e.message for e in errors))
         if failed:
             metrics.PARTIAL_RESULTS.labels(method).inc()
-        top = heapq.nlargest(k, hits, key=lambda h: h.score)
-        return SearchResult(top, space, head, failed, len(self.shards))
+        top = sorted(hits, key=lambda h: rank_key(h.score, h.id))[:k]
+        token = encode_token(Cursor(top[-1].score, top[-1].id), token_digest) if len(top) == k else ""
+        return SearchResult(top, space, head, failed, len(self.shards), token)
 
     # ---- tags -----------------------------------------------------------------------------------
 
     async def tag_image(self, data: bytes, k: int, tag_filter: int, timeout: float) -> RankedTags:
         self.check_image(data, "image")
-        check_k(k, self.settings.max_tag_k)
+        k = check_k(default_k(k), self.settings.max_tag_k)
         head = self.heads.active()
         (enc,) = await self.encoder.encode_images([(data, "image")], include_logits=True, timeout=timeout)
         if enc.error is not None or enc.features is None:
@@ -499,3 +739,136 @@ class Gateway:
     async def activate_head(self, spec: str) -> Activation:
         """Start a build-then-flip switch to a head installed in the heads directory; returns at once."""
         return await self.heads.activate(spec)
+
+
+# ---- the add pipeline -------------------------------------------------------------------------------
+
+# Batches between receiving and storing at once: one being received, two at the encoder (one per worker
+# on a 2-core encoder, or its decode overlapping the other's inference) and one being written.
+ADD_PIPELINE_DEPTH = 4
+# Image bytes held by one call at most (a batch is closed early when it reaches its share): camera photos
+# are several MiB each, so the depth alone would not bound memory.
+ADD_INFLIGHT_BYTES = 128 * 1024 * 1024
+# A partial batch goes to the encoder when the sender pauses this long, so a slow sender still sees
+# progress instead of waiting for a batch to fill.
+ADD_LINGER_S = 0.025
+
+_END = object()
+
+
+class _AddPipeline:
+    """One AddImages call: receive -> batch -> (validate, encode, project) -> store in order -> results."""
+
+    def __init__(self, gateway: Gateway, timeout: Callable[[], float]) -> None:
+        self.gw = gateway
+        self.timeout = timeout
+        self.batch_size = gateway.settings.add_batch_size
+        self.batch_bytes = max(1, ADD_INFLIGHT_BYTES // ADD_PIPELINE_DEPTH)
+        self.slots = asyncio.Semaphore(ADD_PIPELINE_DEPTH)
+        # Finished batches' results, or an exception that ends the call, or _END.
+        self.out: asyncio.Queue[list[AddResult] | BaseException | object] = asyncio.Queue()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.received = 0
+
+    async def run(self, stream: AsyncIterator[NewImage]) -> AsyncGenerator[list[AddResult], None]:
+        feeder = asyncio.create_task(self._feed(stream))
+        try:
+            while True:
+                item = await self.out.get()
+                if item is _END:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield item  # type: ignore[misc]
+            await feeder
+        finally:
+            pending = [t for t in (feeder, *self.tasks) if not t.done()]
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _feed(self, stream: AsyncIterator[NewImage]) -> None:
+        """Receive images, cut them into batches and start each batch's task; then wait for all of them."""
+        # Received images not yet in a batch: at most one batch's worth (room), plus the end marker.
+        inbox: asyncio.Queue[NewImage | object] = asyncio.Queue()
+        room = asyncio.Semaphore(self.batch_size)
+        receiver = asyncio.create_task(self._receive(stream, inbox, room))
+        previous: asyncio.Task[None] | None = None
+        try:
+            ended = False
+            while not ended:
+                batch: list[tuple[int, NewImage]] = []
+                size = 0
+                await self.slots.acquire()
+                try:
+                    while len(batch) < self.batch_size and size < self.batch_bytes:
+                        if batch:
+                            try:
+                                item = await asyncio.wait_for(inbox.get(), ADD_LINGER_S)
+                            except TimeoutError:
+                                break
+                        else:
+                            item = await inbox.get()
+                        if item is _END:
+                            ended = True
+                            break
+                        room.release()
+                        assert isinstance(item, NewImage)
+                        batch.append((self.received, item))
+                        self.received += 1
+                        size += len(item.data)
+                except BaseException:
+                    self.slots.release()
+                    raise
+                if not batch:
+                    self.slots.release()
+                    continue
+                previous = asyncio.create_task(self._batch(batch, previous))
+                self.tasks.add(previous)
+                previous.add_done_callback(self.tasks.discard)
+            await receiver  # re-raises a broken request stream
+            if self.received == 0:
+                raise InvalidArgument("the stream contained no images")
+            if previous is not None:
+                await previous  # batches finish in order: the last one done means all are
+            self.out.put_nowait(_END)
+        except BaseException as exc:
+            if not isinstance(exc, asyncio.CancelledError):
+                self.out.put_nowait(exc)
+            raise
+        finally:
+            if not receiver.done():
+                receiver.cancel()
+            # Wait for it (its error, if any, was raised above or no longer matters).
+            await asyncio.gather(receiver, return_exceptions=True)
+
+    async def _receive(
+        self, stream: AsyncIterator[NewImage], inbox: asyncio.Queue[NewImage | object], room: asyncio.Semaphore
+    ) -> None:
+        try:
+            async for image in stream:
+                inbox.put_nowait(image)
+                # Stop reading (gRPC flow control then slows the sender) while a batch's worth is waiting.
+                await room.acquire()
+        finally:
+            # Also on error: the batcher must not wait for more; the error comes from awaiting this task.
+            inbox.put_nowait(_END)
+
+    async def _batch(self, batch: list[tuple[int, NewImage]], previous: asyncio.Task[None] | None) -> None:
+        try:
+            try:
+                prepared = await self.gw._prepare_batch(batch, self.timeout())
+            finally:
+                # Store in stream order: a batch waits for the one before it (whose failure ends the call).
+                if previous is not None:
+                    await asyncio.shield(previous)
+            results = await self.gw._store_prepared(prepared, self.timeout())
+            self.out.put_nowait(results)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self.out.put_nowait(exc)
+            raise
+        finally:
+            self.slots.release()

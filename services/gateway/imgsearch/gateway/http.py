@@ -32,7 +32,7 @@ import grpc
 import uvicorn
 from fastapi import Body, Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import Counter, Histogram
 from pydantic import BaseModel, Field
@@ -47,6 +47,7 @@ from imgsearch.client.domain import (
     HeadSwitch,
     HeadSwitchStatus,
     ItemOutcome,
+    SearchFilter,
     SearchResults,
     StoredImage,
     StoredImages,
@@ -113,6 +114,9 @@ R = TypeVar("R")
 # ---- error bodies ----------------------------------------------------------------------------------------
 
 
+FILTER_HELP = "metadata condition key=value; repeat a key for any of several values, different keys must all match"
+
+
 class ErrorDetail(BaseModel):
     code: str = Field(description="gRPC status name, e.g. INVALID_ARGUMENT")
     message: str = Field(description="what went wrong, the same text a gRPC caller gets")
@@ -144,6 +148,39 @@ def from_domain(exc: ImgsearchError) -> ApiError:
 class TextQuery(BaseModel):
     query: str = Field("", description="free text describing the images to find")
     k: int | None = Field(None, description=f"how many results (default {DEFAULT_K})")
+    filter: dict[str, str | list[str]] = Field(
+        default_factory=dict, description="metadata key -> value, or any of several values; all keys must match"
+    )
+    created_after: int | None = Field(None, description="only images added at or after (Unix ms)")
+    created_before: int | None = Field(None, description="only images added before (Unix ms)")
+    min_score: float | None = Field(None, description="only hits scoring at least this")
+    page_token: str = Field("", description="next_page_token of the previous page")
+
+
+class ExamplesQuery(BaseModel):
+    positive: list[str] = Field(default_factory=list, description="ids of stored images to look like")
+    negative: list[str] = Field(default_factory=list, description="ids of stored images not to look like")
+    text: str = Field("", description="optional text to combine with the examples (semantic space)")
+    k: int | None = Field(None, description=f"how many results (default {DEFAULT_K})")
+    space: str | None = Field(None, description="visual or semantic (default: semantic with text, else visual)")
+    filter: dict[str, str | list[str]] = Field(default_factory=dict, description="as in text search")
+    min_score: float | None = Field(None, description="only hits scoring at least this")
+    page_token: str = Field("", description="next_page_token of the previous page")
+
+
+def query_filter(
+    terms: Sequence[str], after: int | None, before: int | None, min_score: float | None
+) -> SearchFilter | None:
+    """`filter=key=value` query parameters (repeat a key for any of several values) as a SearchFilter."""
+    metadata: dict[str, list[str]] = {}
+    for raw in terms:
+        key, sep, value = raw.partition("=")
+        if not sep or not key:
+            raise ApiError("INVALID_ARGUMENT", f"filter {raw!r} is not key=value", 400)
+        metadata.setdefault(key, []).append(value)
+    if not (metadata or after or before or min_score is not None):
+        return None
+    return SearchFilter(metadata=metadata, created_after=after, created_before=before, min_score=min_score)
 
 
 class TagList(BaseModel):
@@ -404,11 +441,18 @@ def create_app(servicer: GatewayServicer, auth: BearerTokenInterceptor | None = 
         request: Request,
         q: Annotated[str, Query(description="free text describing the images to find")] = "",
         k: Annotated[int | None, Query(description=f"how many results (default {DEFAULT_K})")] = None,
+        filter: Annotated[list[str] | None, Query(description=FILTER_HELP)] = None,
+        created_after: Annotated[int | None, Query(description="only images added at or after (Unix ms)")] = None,
+        created_before: Annotated[int | None, Query(description="only images added before (Unix ms)")] = None,
+        min_score: Annotated[float | None, Query(description="only hits scoring at least this")] = None,
+        page_token: Annotated[str, Query(description="next_page_token of the previous page")] = "",
     ) -> SearchResults:
         """Images matching a free-text query (gRPC SearchByText)."""
-        req = gateway_pb2.SearchByTextRequest(query=q, k=uint32_k(k, s.max_k))
+        f = query_filter(filter or [], created_after, created_before, min_score)
+        req = sdk.search_text_request(q, None, f, page_token)
+        req.k = uint32_k(k, s.max_k)
         r = await api.call(request, "SearchByText", lambda ctx: servicer.SearchByText(req, ctx))
-        return sdk.search_results(r.hits, r.meta)
+        return sdk.search_results(r.hits, r.meta, r.next_page_token)
 
     @app.post(
         "/v1/search/text",
@@ -419,9 +463,33 @@ def create_app(servicer: GatewayServicer, auth: BearerTokenInterceptor | None = 
     )
     async def search_text_post(request: Request, body: TextQuery) -> SearchResults:
         """Images matching a free-text query given as JSON `{"query": ..., "k": ...}` (gRPC SearchByText)."""
-        req = gateway_pb2.SearchByTextRequest(query=body.query, k=uint32_k(body.k, s.max_k))
+        f = SearchFilter(
+            metadata=body.filter,
+            created_after=body.created_after,
+            created_before=body.created_before,
+            min_score=body.min_score,
+        )
+        req = sdk.search_text_request(body.query, None, f, body.page_token)
+        req.k = uint32_k(body.k, s.max_k)
         r = await api.call(request, "SearchByText", lambda ctx: servicer.SearchByText(req, ctx))
-        return sdk.search_results(r.hits, r.meta)
+        return sdk.search_results(r.hits, r.meta, r.next_page_token)
+
+    @app.post(
+        "/v1/search/examples",
+        response_model=SearchResults,
+        tags=["search"],
+        summary="Relevance feedback",
+        dependencies=[api.guard("SearchByExamples")],
+    )
+    async def search_examples(request: Request, body: ExamplesQuery) -> SearchResults:
+        """Images like the positive ids and unlike the negative ones, optionally with text (gRPC SearchByExamples)."""
+        f = SearchFilter(metadata=body.filter, min_score=body.min_score)
+        req = sdk.examples_request(body.positive, body.negative, body.text, None, None, f, body.page_token)
+        req.k = uint32_k(body.k, s.max_k)
+        if body.space:
+            req.space = parse_choice(sdk.space, body.space)
+        r = await api.call(request, "SearchByExamples", lambda ctx: servicer.SearchByExamples(req, ctx))
+        return sdk.search_results(r.hits, r.meta, r.next_page_token)
 
     @app.post(
         "/v1/search/image",
@@ -440,7 +508,7 @@ def create_app(servicer: GatewayServicer, auth: BearerTokenInterceptor | None = 
         data = await _read(image)
         req = gateway_pb2.SearchByImageRequest(image=data, k=uint32_k(k, s.max_k), space=parse_choice(sdk.space, space))
         r = await api.call(request, "SearchByImage", lambda ctx: servicer.SearchByImage(req, ctx))
-        return sdk.search_results(r.hits, r.meta)
+        return sdk.search_results(r.hits, r.meta, r.next_page_token)
 
     @app.get(
         "/v1/search/similar",
@@ -455,13 +523,17 @@ def create_app(servicer: GatewayServicer, auth: BearerTokenInterceptor | None = 
         k: Annotated[int | None, Query(description=f"how many results (default {DEFAULT_K})")] = None,
         space: Annotated[str, Query(description="visual or semantic")] = "visual",
         include_self: Annotated[bool, Query(description="return the image itself too")] = False,
+        filter: Annotated[list[str] | None, Query(description=FILTER_HELP)] = None,
+        min_score: Annotated[float | None, Query(description="only hits scoring at least this")] = None,
+        page_token: Annotated[str, Query(description="next_page_token of the previous page")] = "",
     ) -> SearchResults:
         """Images similar to a stored image (gRPC SearchById); the image itself is left out unless asked for."""
-        req = gateway_pb2.SearchByIdRequest(
-            id=id, k=uint32_k(k, s.max_k), space=parse_choice(sdk.space, space), include_self=include_self
-        )
+        f = query_filter(filter or [], None, None, min_score)
+        req = sdk.similar_request(id, None, space if space in sdk.SPACES else "visual", include_self, f, page_token)
+        req.k = uint32_k(k, s.max_k)
+        req.space = parse_choice(sdk.space, space)
         r = await api.call(request, "SearchById", lambda ctx: servicer.SearchById(req, ctx))
-        return sdk.search_results(r.hits, r.meta)
+        return sdk.search_results(r.hits, r.meta, r.next_page_token)
 
     # ---- tagging and the vocabulary ----
 
@@ -595,6 +667,27 @@ def create_app(servicer: GatewayServicer, auth: BearerTokenInterceptor | None = 
         req = gateway_pb2.DeleteImagesRequest(ids=id or [])
         r = await api.call(request, "DeleteImages", lambda ctx: servicer.DeleteImages(req, ctx))
         return DeleteResults(sdk.delete_results(r).results, r.deleted, r.partial)
+
+    @app.get(
+        "/v1/thumbnails/{image_id:path}",
+        response_class=Response,
+        tags=["images"],
+        summary="A stored image's thumbnail",
+        dependencies=[api.guard("GetImages")],
+        responses={200: {"content": {"image/jpeg": {}}, "description": "a small JPEG"}},
+    )
+    async def get_thumbnail(request: Request, image_id: str) -> Response:
+        """The small JPEG kept with a stored image (gRPC GetImages with include_thumbnails); 404 when none."""
+        req = gateway_pb2.GetImagesRequest(ids=[image_id], include_thumbnails=True)
+        r = await api.call(request, "GetImages", lambda ctx: servicer.GetImages(req, ctx))
+        if not r.images:
+            if r.partial:
+                raise ApiError("UNAVAILABLE", f"image {image_id!r} lives on a shard that did not answer", 503)
+            raise from_domain(NotFound(f"image {image_id!r} is not stored"))
+        if not r.images[0].thumbnail:
+            raise from_domain(NotFound(f"image {image_id!r} has no thumbnail (thumbnails were off when it was added)"))
+        # Thumbnails change only when the image is replaced under the same id: short caching is safe.
+        return Response(r.images[0].thumbnail, media_type="image/jpeg", headers={"Cache-Control": "max-age=60"})
 
     @app.get(
         "/v1/images/{image_id:path}",

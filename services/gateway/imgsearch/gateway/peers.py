@@ -13,7 +13,8 @@ from imgsearch.api.common.v1 import common_pb2
 from imgsearch.api.index.v1 import index_pb2, index_pb2_grpc
 from imgsearch.api.tagger.v1 import tagger_pb2, tagger_pb2_grpc
 from imgsearch.gateway.heads import HeadConfig, HeadShard, ShardHeads, StoredSignals
-from imgsearch.kit.convert import Matrix, from_vector, to_vector
+from imgsearch.gateway.search import Cursor
+from imgsearch.kit.convert import Matrix, from_vector, has_values, packed, to_vector
 from imgsearch.kit.encoder_client import EncodedImage
 from imgsearch.kit.errors import ImgsearchError
 from imgsearch.models.manifest import ModelInfo
@@ -31,6 +32,18 @@ class Hit:
 
 
 @dataclass(frozen=True)
+class ShardQuery:
+    """What narrows one shard's search: metadata terms (AND of any-of), time range, min score, cursor."""
+
+    filter: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    created_after_ms: int = 0
+    created_before_ms: int = 0
+    min_score: float | None = None
+    # Only hits ranked strictly after this (score desc, id asc) position: the previous page's last hit.
+    after: Cursor | None = None
+
+
+@dataclass(frozen=True)
 class NewRecord:
     """An image ready to store: both vectors and its metadata."""
 
@@ -43,6 +56,8 @@ class NewRecord:
     # Kept so a later head switch can re-project the image without its bytes.
     feature_norm: float = 0.0
     top_logits: list[tuple[int, float]] = field(default_factory=list)
+    # A small JPEG for result pages (empty when thumbnails are off or the bytes could not be read).
+    thumbnail: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -54,6 +69,7 @@ class StoredRecord:
     shard: str
     visual: Matrix | None = None
     semantics: dict[str, Matrix] = field(default_factory=dict)
+    thumbnail: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -70,7 +86,14 @@ class Shard(HeadShard, Protocol):
     """What the gateway core needs from an index shard: ShardClient, or an in-memory fake in unit tests."""
 
     async def search(
-        self, space: int, query: Matrix, k: int, exclude: Sequence[str], head: str, timeout: float
+        self,
+        space: int,
+        query: Matrix,
+        k: int,
+        exclude: Sequence[str],
+        head: str,
+        timeout: float,
+        options: ShardQuery | None = None,
     ) -> list[Hit]: ...
 
     async def upsert(self, records: Sequence[NewRecord], timeout: float) -> list[index_pb2.WriteResult]: ...
@@ -78,7 +101,7 @@ class Shard(HeadShard, Protocol):
     async def delete(self, ids: Sequence[str], timeout: float) -> list[index_pb2.WriteResult]: ...
 
     async def get(
-        self, ids: Sequence[str], include_vectors: bool, timeout: float
+        self, ids: Sequence[str], include_vectors: bool, timeout: float, include_thumbnails: bool = False
     ) -> tuple[list[StoredRecord], list[str]]: ...
 
 
@@ -140,7 +163,9 @@ class TaggerClient:
     ) -> RankedTags:
         req = tagger_pb2.RankTagsRequest(
             image=tagger_pb2.ImageSignal(
-                features=to_vector(features), logits=None if logits is None else to_vector(logits)
+                # Repeated floats: the tagger checks signal sizes on `values` and does not take packed vectors yet.
+                features=to_vector(features),
+                logits=None if logits is None else to_vector(logits),
             ),
             top_k=top_k,
             filter=tag_filter,  # type: ignore[arg-type]
@@ -179,8 +204,8 @@ def _shard_heads(name: str, r: index_pb2.GetHeadStateResponse | index_pb2.SetHea
 
 
 def _semantics(r: index_pb2.Record) -> dict[str, Matrix]:
-    out = {s.head: from_vector(s.vector) for s in r.semantics if s.vector.values}
-    if r.semantic_head and r.semantic.values and r.semantic_head not in out:
+    out = {s.head: from_vector(s.vector) for s in r.semantics if has_values(s.vector)}
+    if r.semantic_head and has_values(r.semantic) and r.semantic_head not in out:
         out[r.semantic_head] = from_vector(r.semantic)
     return out
 
@@ -195,15 +220,35 @@ class ShardClient:
         self.stub = index_pb2_grpc.IndexServiceStub(channel)
 
     async def search(
-        self, space: int, query: Matrix, k: int, exclude: Sequence[str], head: str, timeout: float
+        self,
+        space: int,
+        query: Matrix,
+        k: int,
+        exclude: Sequence[str],
+        head: str,
+        timeout: float,
+        options: ShardQuery | None = None,
     ) -> list[Hit]:
         req = index_pb2.SearchRequest(
             space=space,  # type: ignore[arg-type]
-            query=to_vector(query),
+            query=packed(query),
             k=k,
             exclude_ids=list(exclude),
             semantic_head=head,
         )
+        if options is not None:
+            if options.filter or options.created_after_ms or options.created_before_ms:
+                req.filter.CopyFrom(
+                    index_pb2.MetadataFilter(
+                        terms=[index_pb2.FilterTerm(key=key, values=list(v)) for key, v in options.filter],
+                        created_after_unix_ms=options.created_after_ms,
+                        created_before_unix_ms=options.created_before_ms,
+                    )
+                )
+            if options.min_score is not None:
+                req.min_score = options.min_score
+            if options.after is not None:
+                req.after.CopyFrom(index_pb2.SearchCursor(score=options.after.score, id=options.after.id))
         r = await self.stub.Search(req, timeout=timeout)
         return [Hit(h.id, h.score, dict(h.metadata), h.source_name, h.shard or self.name) for h in r.hits]
 
@@ -212,15 +257,16 @@ class ShardClient:
             records=[
                 index_pb2.Record(
                     id=r.id,
-                    visual=to_vector(r.visual),
+                    visual=packed(r.visual),
                     semantics=[
-                        index_pb2.SemanticVector(head=head, vector=to_vector(vector))
+                        index_pb2.SemanticVector(head=head, vector=packed(vector))
                         for head, vector in r.semantics.items()
                     ],
                     metadata=r.metadata,
                     source_name=r.source_name,
                     feature_norm=r.feature_norm,
                     top_logits=[index_pb2.ClassLogit(class_index=c, logit=v) for c, v in r.top_logits],
+                    thumbnail=r.thumbnail,
                 )
                 for r in records
             ]
@@ -233,10 +279,11 @@ class ShardClient:
         return list(resp.results)
 
     async def get(
-        self, ids: Sequence[str], include_vectors: bool, timeout: float
+        self, ids: Sequence[str], include_vectors: bool, timeout: float, include_thumbnails: bool = False
     ) -> tuple[list[StoredRecord], list[str]]:
         resp = await self.stub.Get(
-            index_pb2.GetRequest(ids=list(ids), include_vectors=include_vectors), timeout=timeout
+            index_pb2.GetRequest(ids=list(ids), include_vectors=include_vectors, include_thumbnails=include_thumbnails),
+            timeout=timeout,
         )
         records = [
             StoredRecord(
@@ -245,8 +292,9 @@ class ShardClient:
                 source_name=r.source_name,
                 created_ms=r.created_unix_ms,
                 shard=self.name,
-                visual=from_vector(r.visual) if include_vectors and r.visual.values else None,
+                visual=from_vector(r.visual) if include_vectors and has_values(r.visual) else None,
                 semantics=_semantics(r) if include_vectors else {},
+                thumbnail=r.thumbnail,
             )
             for r in resp.records
         ]
@@ -276,13 +324,13 @@ class ShardClient:
                 [(c.class_index, c.logit) for c in r.top_logits],
             )
             for r in resp.records
-            if r.visual.values
+            if has_values(r.visual)
         ]
         return records, resp.next_page_token
 
     async def set_semantic(self, head: str, updates: Sequence[tuple[str, Matrix]], timeout: float) -> int:
         req = index_pb2.SetSemanticRequest(
-            updates=[index_pb2.SemanticUpdate(id=i, semantic=to_vector(v), semantic_head=head) for i, v in updates]
+            updates=[index_pb2.SemanticUpdate(id=i, semantic=packed(v), semantic_head=head) for i, v in updates]
         )
         resp = await self.stub.SetSemantic(req, timeout=timeout)
         return sum(1 for w in resp.results if not w.HasField("error"))

@@ -24,7 +24,8 @@ Ctx = aio.ServicerContext[Any, Any]
 _SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"]
 # RPCs that change state: they always need a bearer token when authentication is on.
 WRITE_METHODS = frozenset(
-    f"/{_SERVICE.full_name}/{m}" for m in ("AddImages", "DeleteImages", "AddTags", "RemoveTags", "ActivateHead")
+    f"/{_SERVICE.full_name}/{m}"
+    for m in ("AddImages", "AddImagesStream", "DeleteImages", "AddTags", "RemoveTags", "ActivateHead")
 )
 
 
@@ -44,6 +45,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         results = await self.gw.add_images(convert.new_images(request_iterator), lambda: self._timeout(context))
         return convert.add_response(results)
 
+    async def AddImagesStream(
+        self, request_iterator: AsyncIterator[gateway_pb2.AddImagesStreamRequest], context: Ctx
+    ) -> AsyncIterator[gateway_pb2.AddImagesStreamResponse]:
+        # One message per stored (or failed) batch, sent while the caller is still streaming images in.
+        async for done in self.gw.add_images_stream(
+            convert.new_images(request_iterator), lambda: self._timeout(context)
+        ):
+            yield convert.add_stream_response(done)
+
     async def DeleteImages(
         self, request: gateway_pb2.DeleteImagesRequest, context: Ctx
     ) -> gateway_pb2.DeleteImagesResponse:
@@ -51,7 +61,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         return convert.delete_response(outcomes, partial)
 
     async def GetImages(self, request: gateway_pb2.GetImagesRequest, context: Ctx) -> gateway_pb2.GetImagesResponse:
-        records, missing, partial = await self.gw.get_images(list(request.ids), self._timeout(context))
+        records, missing, partial = await self.gw.get_images(
+            list(request.ids), self._timeout(context), include_thumbnails=request.include_thumbnails
+        )
         return gateway_pb2.GetImagesResponse(
             images=convert.stored_images(records), missing_ids=missing, partial=partial
         )
@@ -59,20 +71,60 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     async def SearchByImage(
         self, request: gateway_pb2.SearchByImageRequest, context: Ctx
     ) -> gateway_pb2.SearchByImageResponse:
-        result = await self.gw.search_by_image(request.image, request.k, request.space, self._timeout(context))
-        return gateway_pb2.SearchByImageResponse(hits=convert.hits(result), meta=convert.meta(result))
+        result = await self.gw.search_by_image(
+            request.image, request.k, request.space, self._timeout(context), convert.search_options(request.options)
+        )
+        return gateway_pb2.SearchByImageResponse(
+            hits=convert.hits(result), meta=convert.meta(result), next_page_token=result.next_page_token
+        )
 
     async def SearchByText(
         self, request: gateway_pb2.SearchByTextRequest, context: Ctx
     ) -> gateway_pb2.SearchByTextResponse:
-        result = await self.gw.search_by_text(request.query, request.k, self._timeout(context))
-        return gateway_pb2.SearchByTextResponse(hits=convert.hits(result), meta=convert.meta(result))
+        result = await self.gw.search_by_text(
+            request.query, request.k, self._timeout(context), convert.search_options(request.options)
+        )
+        return gateway_pb2.SearchByTextResponse(
+            hits=convert.hits(result), meta=convert.meta(result), next_page_token=result.next_page_token
+        )
+
+    async def SearchByTexts(
+        self, request: gateway_pb2.SearchByTextsRequest, context: Ctx
+    ) -> gateway_pb2.SearchByTextsResponse:
+        results = await self.gw.search_by_texts(
+            list(request.queries), request.k, self._timeout(context), convert.search_options(request.options)
+        )
+        return convert.texts_response(list(request.queries), results)
 
     async def SearchById(self, request: gateway_pb2.SearchByIdRequest, context: Ctx) -> gateway_pb2.SearchByIdResponse:
         result = await self.gw.search_by_id(
-            request.id, request.k, request.space, request.include_self, self._timeout(context)
+            request.id,
+            request.k,
+            request.space,
+            request.include_self,
+            self._timeout(context),
+            convert.search_options(request.options),
         )
-        return gateway_pb2.SearchByIdResponse(hits=convert.hits(result), meta=convert.meta(result))
+        return gateway_pb2.SearchByIdResponse(
+            hits=convert.hits(result), meta=convert.meta(result), next_page_token=result.next_page_token
+        )
+
+    async def SearchByExamples(
+        self, request: gateway_pb2.SearchByExamplesRequest, context: Ctx
+    ) -> gateway_pb2.SearchByExamplesResponse:
+        result = await self.gw.search_by_examples(
+            list(request.positive_ids),
+            list(request.negative_ids),
+            request.text,
+            request.k,
+            request.space,
+            self._timeout(context),
+            convert.search_options(request.options),
+            convert.rocchio_weights(request),
+        )
+        return gateway_pb2.SearchByExamplesResponse(
+            hits=convert.hits(result), meta=convert.meta(result), next_page_token=result.next_page_token
+        )
 
     async def TagImage(self, request: gateway_pb2.TagImageRequest, context: Ctx) -> gateway_pb2.TagImageResponse:
         r = await self.gw.tag_image(request.image, request.k, request.filter, self._timeout(context))

@@ -47,6 +47,15 @@ class GatewaySettings(ServerSettings):
     )
     index_shards: str = Field(..., min_length=1, description="name=host:port of every index shard, comma-separated")
     max_k: int = Field(1000, ge=1, le=100_000)
+    thumbnails: bool = Field(True, description="keep a small JPEG of each added image with its record")
+    thumbnail_px: int = Field(160, ge=16, le=512, description="longer side of the kept thumbnails, in pixels")
+    max_queries_per_request: int = Field(64, ge=1, description="most queries in one SearchByTexts call")
+    shard_deadline_fraction: float = Field(
+        0.8, gt=0, le=1, description="share of the caller's remaining deadline each shard's search may take"
+    )
+    shard_search_timeout_seconds: float = Field(
+        2.0, gt=0, description="longest a shard's search may take; past it the answer is partial without it"
+    )
     max_tag_k: int = Field(200_000, ge=1, description="most tags one TagImage may return (up to the vocabulary)")
     max_metadata_entries: int = Field(64, ge=0, description="most metadata entries per image (as the shards)")
     max_metadata_bytes: int = Field(16 * 1024, ge=0, description="most UTF-8 bytes of metadata keys plus values")

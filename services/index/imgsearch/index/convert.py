@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from imgsearch.api.common.v1 import common_pb2
 from imgsearch.api.index.v1 import index_pb2
 from imgsearch.index.core import (
@@ -22,7 +20,7 @@ from imgsearch.index.core import (
     WriteResult,
 )
 from imgsearch.index.store import StoredRecord
-from imgsearch.kit.convert import item_error, to_vector
+from imgsearch.kit.convert import item_error, to_vector, vector_array
 from imgsearch.kit.errors import InvalidArgument
 
 _SPACES: dict[common_pb2.Space.ValueType, Space] = {
@@ -41,7 +39,8 @@ def space(value: common_pb2.Space.ValueType) -> Space:
 
 
 def _array(vec: common_pb2.FloatVector) -> Vector:
-    return np.asarray(vec.values, dtype=np.float32)
+    # Packed float32/float16 bytes or repeated floats, whichever the writer sent (kit.convert.vector_array).
+    return vector_array(vec)
 
 
 def record_input(rec: index_pb2.Record) -> RecordInput:
@@ -57,6 +56,7 @@ def record_input(rec: index_pb2.Record) -> RecordInput:
         feature_norm=rec.feature_norm,
         top_logits=[(c.class_index, c.logit) for c in rec.top_logits],
         semantics=[(s.head, _array(s.vector) if s.HasField("vector") else None) for s in rec.semantics],
+        thumbnail=rec.thumbnail,
     )
 
 

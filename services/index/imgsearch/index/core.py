@@ -428,6 +428,12 @@ class ShardIndex:
         found = self._store.fetch_ids(ids, include_vectors, self._prefer())
         return [found[i] for i in ids if i in found], [i for i in ids if i not in found]
 
+    def thumbnails(self, ids: Sequence[str]) -> dict[str, bytes]:
+        """The stored thumbnails of these ids (ids without one are left out)."""
+        self._check_open()
+        self._validator.check_batch(len(ids), "ids")
+        return self._store.thumbnails(ids)
+
     def scan(self, page_size: int = 0, page_token: str = "", skip_semantic_head: str = "") -> ScanPage:
         """One page of stored records with vectors and re-projection signals, in a stable order (by label).
 

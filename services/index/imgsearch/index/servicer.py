@@ -56,7 +56,12 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
     async def Get(self, request: index_pb2.GetRequest, context: Context) -> index_pb2.GetResponse:
         core = self._core()
         found, missing = await asyncio.to_thread(core.get, list(request.ids), request.include_vectors)
-        return index_pb2.GetResponse(records=[convert.record(r) for r in found], missing_ids=missing)
+        records = [convert.record(r) for r in found]
+        if request.include_thumbnails and records:
+            thumbs = await asyncio.to_thread(core.thumbnails, [r.id for r in records])
+            for r in records:
+                r.thumbnail = thumbs.get(r.id, b"")
+        return index_pb2.GetResponse(records=records, missing_ids=missing)
 
     async def Scan(self, request: index_pb2.ScanRequest, context: Context) -> index_pb2.ScanResponse:
         core = self._core()

@@ -34,16 +34,17 @@ class IndexSettings(ServerSettings):
     semantic_index: str = Field("HNSW", description="kind of each semantic space: " + ", ".join(SPACE_KINDS))
     ann_min_vectors: int = Field(50_000, ge=1, description="vectors in a space before its approximate index is built")
     ann_merge_min: int = Field(10_000, ge=1, description="exact tail size that triggers merging it into the base")
-    ann_merge_ratio: float = Field(0.1, ge=0, description="... or this fraction of the base, whichever is larger")
+    ann_merge_ratio: float = Field(0.05, ge=0, description="... or this fraction of the base, whichever is larger")
     ann_rebuild_dead_fraction: float = Field(
         0.25, gt=0, le=1, description="rebuild the base from scratch once this fraction of it is deleted/replaced"
     )
     hnsw_m: int = Field(32, ge=4, le=256, description="HNSW neighbours per node")
-    hnsw_ef_construction: int = Field(64, ge=8, description="HNSW build-time beam width")
-    hnsw_ef_search: int = Field(64, ge=1, description="HNSW search beam width (raised to k when k is larger)")
-    ivf_nprobe: int = Field(16, ge=1, description="IVF lists probed per visual search")
-    pq_dims_per_code: int = Field(8, ge=1, description="dimensions per PQ byte of the visual space")
-    rerank: int = Field(100, ge=0, description="visual (PQ) candidates re-ranked exactly from stored float16 vectors")
+    hnsw_ef_construction: int = Field(128, ge=8, description="HNSW build-time beam width")
+    hnsw_ef_search: int = Field(256, ge=1, description="HNSW search beam width (raised to k when k is larger)")
+    ivf_nprobe: int = Field(32, ge=1, description="IVF lists probed per visual search")
+    pq_dims_per_code: int = Field(4, ge=1, description="dimensions per PQ sub-quantizer of the visual space")
+    pq_bits: int = Field(4, description="bits per PQ sub-quantizer: 4 (FAISS fast scan; 1280-d: 160 B per vector) or 8")
+    rerank: int = Field(300, ge=0, description="visual (PQ) candidates re-ranked exactly from stored float16 vectors")
     filter_brute_limit: int = Field(
         20_000, ge=0, description="filters allowing at most this many base rows are scored exactly, not by ANN"
     )
@@ -63,6 +64,7 @@ class IndexSettings(ServerSettings):
     max_metadata_entries: int = Field(64, ge=0, description="most metadata entries per record")
     max_metadata_bytes: int = Field(16 * 1024, ge=0, description="most UTF-8 bytes of metadata keys plus values")
     max_source_name_length: int = Field(4096, ge=0, description="longest source_name, in characters")
+    max_thumbnail_bytes: int = Field(64 * 1024, ge=0, description="largest thumbnail kept with a record")
 
     snapshot_every: int = Field(1000, ge=1, description="write a FAISS snapshot after at least this many changes")
     snapshot_growth: float = Field(
@@ -77,6 +79,13 @@ class IndexSettings(ServerSettings):
     def _known_index_type(cls, value: str) -> str:
         if value not in INDEX_KINDS:
             raise ValueError(f"unknown index type {value!r}; known: {', '.join(INDEX_KINDS)}")
+        return value
+
+    @field_validator("pq_bits")
+    @classmethod
+    def _known_pq_bits(cls, value: int) -> int:
+        if value not in (4, 8):
+            raise ValueError(f"pq_bits must be 4 or 8, got {value}")
         return value
 
     @field_validator("visual_index", "semantic_index")
@@ -97,6 +106,7 @@ class IndexSettings(ServerSettings):
             hnsw_ef_search=self.hnsw_ef_search,
             ivf_nprobe=self.ivf_nprobe,
             pq_dims_per_code=self.pq_dims_per_code,
+            pq_bits=self.pq_bits,
             brute_limit=self.filter_brute_limit,
             build_threads=self.build_threads,
         )

@@ -92,6 +92,10 @@ CREATE TABLE IF NOT EXISTS meta_terms (
     PRIMARY KEY (key, value, label)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS meta_terms_label ON meta_terms(label);
+CREATE TABLE IF NOT EXISTS thumbnails (
+    label INTEGER PRIMARY KEY,
+    data BLOB NOT NULL
+);
 CREATE INDEX IF NOT EXISTS records_created ON records(created_ms);
 CREATE TABLE IF NOT EXISTS changes (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -125,6 +129,8 @@ class UpsertOp:
     created_ms: int = 0
     feature_norm: float = 0.0
     top_logits: TopLogits = ()
+    # A small JPEG kept with the record for result pages; empty: none.
+    thumbnail: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -410,6 +416,9 @@ class Store:
                         "INSERT INTO meta_terms(key, value, label) VALUES (?, ?, ?)",
                         [(k, v, label) for k, v in op.metadata.items()],
                     )
+                    db.execute("DELETE FROM thumbnails WHERE label = ?", (label,))
+                    if op.thumbnail:
+                        db.execute("INSERT INTO thumbnails(label, data) VALUES (?, ?)", (label, op.thumbnail))
                     # An upsert replaces the whole record, every head's vector included.
                     db.execute("DELETE FROM semantics WHERE label = ?", (label,))
                     db.executemany(
@@ -441,6 +450,7 @@ class Store:
                     db.execute("DELETE FROM vectors WHERE label = ?", (row[0],))
                     db.execute("DELETE FROM semantics WHERE label = ?", (row[0],))
                     db.execute("DELETE FROM meta_terms WHERE label = ?", (row[0],))
+                    db.execute("DELETE FROM thumbnails WHERE label = ?", (row[0],))
                     self._log_change(int(row[0]), "delete", op.id, ts)
                     labels.append(int(row[0]))
             if semantic_ms:
@@ -637,6 +647,19 @@ class Store:
         finally:
             conn.execute("COMMIT")
         return [_record(row, semantics.get(int(row[0]), {}), prefer) for row in rows]
+
+    def thumbnails(self, ids: Sequence[str]) -> dict[str, bytes]:
+        """Stored thumbnails of these ids (those that have one)."""
+        out: dict[str, bytes] = {}
+        conn = self._reader()
+        for part in _chunks(list(dict.fromkeys(ids))):
+            rows = conn.execute(
+                "SELECT r.id, t.data FROM records r JOIN thumbnails t USING (label) "
+                f"WHERE r.id IN ({_marks(len(part))})",
+                tuple(part),
+            )
+            out.update({str(i): bytes(d) for i, d in rows})
+        return out
 
     def filter_labels(
         self, terms: Sequence[tuple[str, Sequence[str]]], created_after_ms: int = 0, created_before_ms: int = 0

@@ -44,6 +44,8 @@ class RecordInput:
     top_logits: Sequence[tuple[int, float]] = ()
     # (head, vector) per projection head; a None vector is an entry sent without one (a caller's mistake).
     semantics: Sequence[tuple[str, Vector | None]] = ()
+    # A small JPEG for result pages; empty: none.
+    thumbnail: bytes = b""
 
 
 @dataclass(frozen=True)

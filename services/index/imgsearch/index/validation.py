@@ -101,6 +101,10 @@ class Validator:
             raise InvalidArgument(
                 f"{where}: source_name has {len(rec.source_name)} characters, at most {s.max_source_name_length}"
             )
+        if len(rec.thumbnail) > s.max_thumbnail_bytes:
+            raise InvalidArgument(
+                f"{where}: thumbnail is {len(rec.thumbnail)} bytes, at most {s.max_thumbnail_bytes} allowed"
+            )
         if rec.created_unix_ms < 0:
             raise InvalidArgument(f"{where}: created_unix_ms must not be negative, got {rec.created_unix_ms}")
         # Both go back out as float32 (proto float): a finite value beyond its range would come back infinite.
@@ -115,6 +119,7 @@ class Validator:
             created_ms=rec.created_unix_ms,
             feature_norm=float(rec.feature_norm),
             top_logits=self._top_logits(rec.top_logits, where),
+            thumbnail=rec.thumbnail,
         )
 
     def _semantics(self, rec: RecordInput, where: str) -> dict[str, Vector]:

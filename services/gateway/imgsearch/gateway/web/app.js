@@ -45,7 +45,7 @@ function showError(err) {
   box.append(code, " " + err.message);
 }
 
-// Stored images have no thumbnail yet (the index keeps no image bytes): a placeholder drawn from the id.
+// Shown when an image has no thumbnail (added with thumbnails off): a tile drawn from the id.
 function placeholder(id) {
   let h = 0;
   for (const ch of id) h = (h * 31 + ch.codePointAt(0)) % 360;
@@ -76,7 +76,9 @@ function renderResults(title, result) {
     img.className = "thumb";
     img.alt = hit.id;
     img.loading = "lazy";
-    img.src = placeholder(hit.id);
+    // The small JPEG the index keeps with each record; the placeholder when there is none.
+    img.addEventListener("error", () => (img.src = placeholder(hit.id)), { once: true });
+    img.src = "/v1/thumbnails/" + hit.id.split("/").map(encodeURIComponent).join("/");
     const cap = document.createElement("div");
     cap.className = "caption";
     const id = document.createElement("span");
