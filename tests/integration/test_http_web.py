@@ -219,6 +219,11 @@ def test_readme_curl_examples_run_as_written(stack: Stack, http: HttpClient, tmp
         )
         body, _, status = out.stdout.rpartition("\n")
         assert out.returncode == 0 and status == "200", (line, out.stdout, out.stderr)
+        if " -o " in command:
+            # A download: the file is the answer (the thumbnail example writes a JPEG).
+            saved = Path(command.split(" -o ", 1)[1].split()[0])
+            assert saved.read_bytes()[:3] == b"\xff\xd8\xff", line
+            continue
         doc = json.loads(body)
         assert not isinstance(doc.get("error"), dict), (line, doc)
         if "search/text?q=a+cup+of+coffee" in line:
