@@ -64,26 +64,40 @@ class FakeGateway(gateway_pb2_grpc.GatewayServiceServicer):
             for n, i in enumerate(list(self.images.values())[:k])
         ]
 
+    def _add_one(
+        self, req: Any, position: int, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> gateway_pb2.AddImageResult:
+        # Both add RPCs are recorded as "AddImages": the tests check what was sent, not which of the two.
+        self._record("AddImages", req, context)
+        image_id = req.id or f"hash{position}"
+        if not req.image.startswith(b"\x89PNG"):
+            err = common_pb2.ItemError(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message="not an image")
+            return gateway_pb2.AddImageResult(position=position, id=image_id, error=err)
+        created = image_id not in self.images
+        self.images[image_id] = gateway_pb2.StoredImage(
+            id=image_id, metadata=req.metadata, source_name=req.source_name, created_unix_ms=1, shard="s0"
+        )
+        return gateway_pb2.AddImageResult(position=position, id=image_id, created=created)
+
     async def AddImages(
         self, request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> gateway_pb2.AddImagesResponse:
         results = []
         position = 0
         async for req in request_iterator:
-            self._record("AddImages", req, context)
-            image_id = req.id or f"hash{position}"
-            if not req.image.startswith(b"\x89PNG"):
-                err = common_pb2.ItemError(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message="not an image")
-                results.append(gateway_pb2.AddImageResult(position=position, id=image_id, error=err))
-            else:
-                created = image_id not in self.images
-                self.images[image_id] = gateway_pb2.StoredImage(
-                    id=image_id, metadata=req.metadata, source_name=req.source_name, created_unix_ms=1, shard="s0"
-                )
-                results.append(gateway_pb2.AddImageResult(position=position, id=image_id, created=created))
+            results.append(self._add_one(req, position, context))
             position += 1
         failed = sum(r.HasField("error") for r in results)
         return gateway_pb2.AddImagesResponse(results=results, added=len(results) - failed, failed=failed)
+
+    async def AddImagesStream(
+        self, request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[gateway_pb2.AddImagesStreamResponse]:
+        position = 0
+        async for req in request_iterator:
+            # One result per message as soon as it is stored, as the real gateway streams them.
+            yield gateway_pb2.AddImagesStreamResponse(results=[self._add_one(req, position, context)])
+            position += 1
 
     async def DeleteImages(
         self, request: gateway_pb2.DeleteImagesRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -235,9 +235,24 @@ def search_options(f: F) -> F:
             help="next_page_token of the previous page (same query and filter) for the next page.",
         ),
     ]
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        f_ = search_filter(kwargs.pop("filters"), kwargs.pop("after"), kwargs.pop("before"), kwargs.pop("min_score"))
+        return f(*args, narrow=Narrowing(f_, kwargs.pop("page_token")), **kwargs)
+
+    out: Any = wrapper
     for option in reversed(options):
-        f = option(f)
-    return f
+        out = option(out)
+    return out  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class Narrowing:
+    """What --filter/--after/--before/--min-score/--page-token asked for."""
+
+    filter: SearchFilter | None
+    page_token: str
 
 
 def search_filter(
@@ -399,16 +414,11 @@ def add_cmd(paths: tuple[Path, ...], meta: dict[str, str], content_ids: bool) ->
 def search_text_cmd(
     query: str,
     k: int,
-    filters: tuple[str, ...],
-    after: str | None,
-    before: str | None,
-    min_score: float | None,
-    page_token: str,
+    narrow: Narrowing,
 ) -> int:
     """Find images matching a text query (semantic space)."""
-    f = search_filter(filters, after, before, min_score)
     with settings().client() as client:
-        res = client.search_text(query, k, f, page_token)
+        res = client.search_text(query, k, narrow.filter, narrow.page_token)
     emit(res, search_text(res))
     return 0
 
@@ -423,16 +433,11 @@ def search_image_cmd(
     path: Path,
     k: int,
     space: str,
-    filters: tuple[str, ...],
-    after: str | None,
-    before: str | None,
-    min_score: float | None,
-    page_token: str,
+    narrow: Narrowing,
 ) -> int:
     """Find images similar to an image file."""
-    f = search_filter(filters, after, before, min_score)
     with settings().client() as client:
-        res = client.search_image(path, k, space, f, page_token)
+        res = client.search_image(path, k, space, narrow.filter, narrow.page_token)
     emit(res, search_text(res))
     return 0
 
@@ -449,16 +454,11 @@ def similar_cmd(
     k: int,
     space: str,
     include_self: bool,
-    filters: tuple[str, ...],
-    after: str | None,
-    before: str | None,
-    min_score: float | None,
-    page_token: str,
+    narrow: Narrowing,
 ) -> int:
     """Find images similar to a stored image."""
-    f = search_filter(filters, after, before, min_score)
     with settings().client() as client:
-        res = client.similar(image_id, k, space, include_self, f, page_token)
+        res = client.similar(image_id, k, space, include_self, narrow.filter, narrow.page_token)
     emit(res, search_text(res))
     return 0
 
@@ -490,18 +490,13 @@ def more_like_cmd(
     text: str,
     k: int,
     space: str | None,
-    filters: tuple[str, ...],
-    after: str | None,
-    before: str | None,
-    min_score: float | None,
-    page_token: str,
+    narrow: Narrowing,
 ) -> int:
     """Relevance feedback: images like some stored images and unlike others (Rocchio), optionally with text."""
     if not positive and not text:
         raise click.UsageError("give at least one example ID or --text")
-    f = search_filter(filters, after, before, min_score)
     with settings().client() as client:
-        res = client.search_by_examples(positive, negative, text, k, space, f, page_token)
+        res = client.search_by_examples(positive, negative, text, k, space, narrow.filter, narrow.page_token)
     emit(res, search_text(res))
     return 0
 
