@@ -221,6 +221,10 @@ class FakeShard:
             scored = [(sc, r) for sc, r in scored if (-sc, r.id) > (-after.score, after.id)]
         return [Hit(r.id, sc, dict(r.metadata), r.source_name, self.name) for sc, r in scored[:k]]
 
+    async def count(self, timeout: float) -> int:
+        self._check()
+        return len(self.records)
+
     async def upsert(self, records: Sequence[NewRecord], timeout: float) -> list[index_pb2.WriteResult]:
         self._check()
         out = []

@@ -174,8 +174,12 @@ def test_get_count_and_the_other_commands(
     doc = json.loads(out)
     assert code == 0 and doc["images"][0]["id"] == "cat" and doc["missing_ids"] == []
     code, out, _ = run(capsys, "count", "--address", address)
+    assert (code, out.strip()) == (0, "1 images")
+    code, out, _ = run(capsys, "count", "--json", "--address", address)
+    assert json.loads(out) == {"total": 1, "shards": {"s0": 1}, "partial": False, "failed_shards": []}
+    code, out, _ = run(capsys, "count", "--tags", "--address", address)
     assert (code, out.strip()) == (0, "3 tags")
-    code, out, _ = run(capsys, "count", "--filter", "unseen", "--json", "--address", address)
+    code, out, _ = run(capsys, "count", "--tags", "--filter", "unseen", "--json", "--address", address)
     assert json.loads(out) == {"filter": "unseen", "total": 0}
     for argv in (
         ["search-text", "a cat"],

@@ -142,6 +142,13 @@ class FakeGateway(gateway_pb2_grpc.GatewayServiceServicer):
         meta.failed_shards.append("s1")
         return gateway_pb2.SearchByImageResponse(hits=self._hits(request.k), meta=meta)
 
+    async def CountImages(
+        self, request: gateway_pb2.CountImagesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> gateway_pb2.CountImagesResponse:
+        self._record("CountImages", request, context)
+        n = len(self.images)
+        return gateway_pb2.CountImagesResponse(total=n, shards=[gateway_pb2.ShardCount(shard="s0", images=n)])
+
     async def SearchByTexts(
         self, request: gateway_pb2.SearchByTextsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> gateway_pb2.SearchByTextsResponse:

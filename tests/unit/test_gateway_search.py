@@ -192,3 +192,11 @@ async def test_search_by_examples_moves_towards_positives_and_away_from_negative
         await cluster.gw.search_by_examples(["ghost"], [], "", 5, 0, TIMEOUT)
     with pytest.raises(InvalidArgument, match="at least one positive"):
         await cluster.gw.search_by_examples([], ["img-01"], "", 5, 0, TIMEOUT)
+
+
+async def test_count_images_sums_the_shards_and_names_a_missing_one(cluster: Cluster) -> None:
+    counts, failed = await cluster.gw.count_images(TIMEOUT)
+    assert counts == {s.name: len(s.records) for s in cluster.shards} and sum(counts.values()) == N and failed == []
+    cluster.shards[2].down = True
+    counts, failed = await cluster.gw.count_images(TIMEOUT)
+    assert failed == ["index-2"] and set(counts) == {"index-0", "index-1"}

@@ -18,6 +18,7 @@ from imgsearch.client.domain import (
     HeadInfo,
     HeadSwitch,
     HeadSwitchStatus,
+    ImageCount,
     ImageSource,
     ImageToAdd,
     ItemOutcome,
@@ -208,6 +209,10 @@ class AsyncGatewayClient:
             token = r.next_page_token
             if not token:
                 return
+
+    async def count_images(self) -> ImageCount:
+        """How many images are stored (per shard too)."""
+        return convert.image_count(await self._call(self.stub.CountImages, gateway_pb2.CountImagesRequest()))
 
     async def count_tags(self, which: str = "all") -> TagCount:
         """Size of the vocabulary (or of its seen/unseen part), without listing it."""

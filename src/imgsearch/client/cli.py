@@ -537,13 +537,19 @@ def get_cmd(ids: tuple[str, ...]) -> int:
 
 
 @cli.command("count")
-@filter_option("Which tags to count")
+@click.option("--tags", is_flag=True, default=False, show_default="off", help="Count vocabulary tags instead.")
+@filter_option("With --tags: which tags to count")
 @global_options
-def count_cmd(which: str) -> int:
-    """Count the tags of the live vocabulary (the gateway has no call that counts stored images)."""
+def count_cmd(tags: bool, which: str) -> int:
+    """Count the stored images (per shard with --json), or with --tags the live vocabulary's tags."""
     with settings().client() as client:
-        res = client.count_tags(which)
-    emit(res, f"{res.total} tags" + ("" if which == "all" else f" ({which})"))
+        if tags:
+            counted = client.count_tags(which)
+            emit(counted, f"{counted.total} tags" + ("" if which == "all" else f" ({which})"))
+            return 0
+        images = client.count_images()
+    note = f" (partial: shards {', '.join(images.failed_shards)} did not answer)" if images.partial else ""
+    emit(images, f"{images.total} images{note}")
     return 0
 
 

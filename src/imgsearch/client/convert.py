@@ -16,6 +16,7 @@ from imgsearch.client.domain import (
     HeadSwitch,
     HeadSwitchStatus,
     Hit,
+    ImageCount,
     ImageSource,
     ImageToAdd,
     ItemOutcome,
@@ -214,6 +215,10 @@ def search_results(
         head=meta.head,
         next_page_token=next_page_token,
     )
+
+
+def image_count(r: gateway_pb2.CountImagesResponse) -> ImageCount:
+    return ImageCount(r.total, {c.shard: c.images for c in r.shards}, r.partial, list(r.failed_shards))
 
 
 def query_results(resp: gateway_pb2.SearchByTextsResponse) -> list[QueryResult]:

@@ -125,6 +125,16 @@ class Tag:
 
 
 @dataclass(frozen=True)
+class ImageCount:
+    """Images stored, in all and per shard; partial when some shard did not answer."""
+
+    total: int
+    shards: dict[str, int]
+    partial: bool = False
+    failed_shards: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class TagCount:
     """Size of the live vocabulary under one filter."""
 

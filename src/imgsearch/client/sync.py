@@ -17,6 +17,7 @@ from imgsearch.client.domain import (
     HeadInfo,
     HeadSwitch,
     HeadSwitchStatus,
+    ImageCount,
     ImageSource,
     ImageToAdd,
     ItemOutcome,
@@ -199,6 +200,10 @@ class GatewayClient:
             token = r.next_page_token
             if not token:
                 return
+
+    def count_images(self) -> ImageCount:
+        """How many images are stored (per shard too)."""
+        return convert.image_count(self._call(self.stub.CountImages, gateway_pb2.CountImagesRequest()))
 
     def count_tags(self, which: str = "all") -> TagCount:
         """Size of the vocabulary (or of its seen/unseen part), without listing it."""

@@ -459,6 +459,23 @@ class Gateway:
         ordered = [found[i] for i in dict.fromkeys(ids) if i in found]
         return ordered, missing, partial
 
+    async def count_images(self, timeout: float) -> tuple[dict[str, int], list[str]]:
+        """Images per shard that answered, and the shards that did not."""
+        answers = await asyncio.gather(*(s.count(timeout) for s in self.shards), return_exceptions=True)
+        counts: dict[str, int] = {}
+        failed: list[str] = []
+        for shard, answer in zip(self.shards, answers, strict=True):
+            if isinstance(answer, ImgsearchError):
+                metrics.SHARD_ERRORS.labels(shard.name, _code(answer)).inc()
+                failed.append(shard.name)
+            elif isinstance(answer, BaseException):
+                raise answer
+            else:
+                counts[shard.name] = answer
+        if not counts:
+            raise Unavailable("no index shard answered")
+        return counts, failed
+
     async def search_by_image(
         self, data: bytes, k: int, space: int, timeout: float, options: SearchOptions = NO_OPTIONS
     ) -> SearchResult:

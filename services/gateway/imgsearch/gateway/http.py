@@ -46,6 +46,7 @@ from imgsearch.client.domain import (
     HeadInfo,
     HeadSwitch,
     HeadSwitchStatus,
+    ImageCount,
     ItemOutcome,
     SearchFilter,
     SearchResults,
@@ -667,6 +668,20 @@ def create_app(servicer: GatewayServicer, auth: BearerTokenInterceptor | None = 
         req = gateway_pb2.DeleteImagesRequest(ids=id or [])
         r = await api.call(request, "DeleteImages", lambda ctx: servicer.DeleteImages(req, ctx))
         return DeleteResults(sdk.delete_results(r).results, r.deleted, r.partial)
+
+    @app.get(
+        "/v1/count",
+        response_model=ImageCount,
+        tags=["images"],
+        summary="Count stored images",
+        dependencies=[api.guard("CountImages")],
+    )
+    async def count_images(request: Request) -> ImageCount:
+        """Images stored, in all and per shard (gRPC CountImages); partial when a shard did not answer."""
+        r = await api.call(
+            request, "CountImages", lambda ctx: servicer.CountImages(gateway_pb2.CountImagesRequest(), ctx)
+        )
+        return sdk.image_count(r)
 
     @app.get(
         "/v1/thumbnails/{image_id:path}",

@@ -100,6 +100,8 @@ class Shard(HeadShard, Protocol):
 
     async def delete(self, ids: Sequence[str], timeout: float) -> list[index_pb2.WriteResult]: ...
 
+    async def count(self, timeout: float) -> int: ...
+
     async def get(
         self, ids: Sequence[str], include_vectors: bool, timeout: float, include_thumbnails: bool = False
     ) -> tuple[list[StoredRecord], list[str]]: ...
@@ -299,6 +301,10 @@ class ShardClient:
             for r in resp.records
         ]
         return records, list(resp.missing_ids)
+
+    async def count(self, timeout: float) -> int:
+        """Images stored on this shard."""
+        return int((await self.stub.Stats(index_pb2.StatsRequest(), timeout=timeout)).count)
 
     # ---- head management (HeadShard) -----------------------------------------------------------------
 

@@ -68,6 +68,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             images=convert.stored_images(records), missing_ids=missing, partial=partial
         )
 
+    async def CountImages(
+        self, request: gateway_pb2.CountImagesRequest, context: Ctx
+    ) -> gateway_pb2.CountImagesResponse:
+        counts, failed = await self.gw.count_images(self._timeout(context))
+        return gateway_pb2.CountImagesResponse(
+            total=sum(counts.values()),
+            shards=[gateway_pb2.ShardCount(shard=name, images=n) for name, n in counts.items()],
+            partial=bool(failed),
+            failed_shards=failed,
+        )
+
     async def SearchByImage(
         self, request: gateway_pb2.SearchByImageRequest, context: Ctx
     ) -> gateway_pb2.SearchByImageResponse:
