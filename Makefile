@@ -99,6 +99,8 @@ LITE1_DIR := training/cache/models-lite1
 
 train: $(MODEL_STAMP)  ## train the default projection head on Flickr8k (seeded) into heads/default.npz
 	$(PY) -m imgsearch.training.train --data $(FLICKR8K) --out heads/default.npz --conse-weight 0.2
+	$(PY) -m imgsearch.training.photo_gate --data $(dir $(FLICKR8K)) --head heads/default.npz --json docs/evaluation.json
+	$(PY) -m imgsearch.training.kinds --data $(dir $(FLICKR8K)) --heads heads --annotate
 
 experiments: $(MODEL_STAMP)  ## train every head variant compared in docs/evaluation.md (long)
 	$(PY) -m imgsearch.models.export --model-dir $(LITE1_DIR) --image-model efficientnet-lite1
@@ -107,12 +109,15 @@ experiments: $(MODEL_STAMP)  ## train every head variant compared in docs/evalua
 eval: $(MODEL_STAMP)  ## evaluate ConSE and every head; prints the table, writes docs/evaluation.{md,json}
 	$(PY) -m imgsearch.training.evaluate --data $(FLICKR8K) --model-dir $(MODEL_DIR) --model-dir $(LITE1_DIR) \
 		--heads heads training/cache/runs --tta --json docs/evaluation.json --markdown docs/evaluation.md \
-		--plot docs/img/training_curves.png
+		--plot docs/img/training_curves.png --objects $(dir $(FLICKR8K))
 
 bench: $(MODEL_STAMP)  ## run the benchmarks (results go in docs/benchmarks.md by hand, with the command)
 	$(PY) benchmarks/bench_encoder.py
 	$(PY) benchmarks/bench_index.py
 	$(PY) benchmarks/bench_e2e.py
+	$(PY) benchmarks/bench_ingest.py
+	$(PY) benchmarks/bench_scale.py kinds --n $(or $(KINDS_N),100000)
+	$(PY) benchmarks/bench_scale.py scale --sizes $(or $(SCALE_SIZES),10000 100000)
 
 clean:  ## remove generated files, the venv, models and local state
 	rm -rf $(VENV) build .tools var $(MODEL_DIR) .mypy_cache .ruff_cache .pytest_cache

@@ -122,14 +122,28 @@ def _run(layers: list[Layer], x: Matrix) -> Matrix:
     return x
 
 
+GATE_SIGNALS = ("knn", "conse_confidence", "linear")
+
+
 @dataclass(frozen=True)
 class TagGate:
-    """Per-image ConSE weight for tag ranking, from how in-domain the image looks to the learned head.
+    """Per-image ConSE weight for tag ranking, from a per-image score that says which expert to trust.
 
     A learned head is trustworthy on photos like its training data and unreliable far from it, where
-    ConSE's ImageNet knowledge is the better expert. The in-domain score is the mean cosine of the learned
-    image direction to its k nearest training captions (a kNN density estimate in the shared space); the
-    weight ramps linearly from weight_out (score <= low) to weight_in (score >= high).
+    ConSE's ImageNet knowledge is the better expert. Two scores are supported (`signal`):
+
+    - "knn": how in-domain the image looks to the learned head, the mean cosine of the learned image
+      direction to its k nearest training captions in `bank` (a kNN density estimate in the shared space);
+    - "conse_confidence": how sure the ImageNet classifier is, its largest class probability (softmax of
+      the logits). Object photos of ImageNet-like classes score high, scenes with people low; this needs
+      no fitting and no bank.
+    - "linear": a linear classifier of the kind of photo on the L2-normalised image features, the logit
+      features @ bank[0] + offset (bank: one unnormalised row of feature_dim weights). Trained to score
+      object photos high and photos like the learned head's training data low.
+
+    The weight ramps linearly from weight_out (score <= low) to weight_in (score >= high). For "knn" the
+    high end is in domain (a small ConSE weight); for "conse_confidence" it is a confident object photo (a
+    large ConSE weight).
     """
 
     bank: Matrix
@@ -138,15 +152,66 @@ class TagGate:
     high: float
     weight_out: float
     weight_in: float
+    signal: str = "knn"
+    offset: float = 0.0
 
-    def scores(self, learned: Matrix) -> Matrix:
+    def scores(self, learned: Matrix, logits: Matrix | None = None, features: Matrix | None = None) -> Matrix:
+        if self.signal == "linear":
+            if features is None:
+                raise InvalidArgument("this head's tag gate needs the image features")
+            return (l2_normalise(features.astype(np.float32, copy=False)) @ self.bank[0] + self.offset).astype(
+                np.float32
+            )
+        if self.signal == "conse_confidence":
+            if logits is None:
+                raise InvalidArgument("this head's tag gate needs ImageNet logits for every image")
+            return softmax(logits.astype(np.float32, copy=False)).max(axis=1)
         sims = learned @ self.bank.T
         k = min(self.k, sims.shape[1])
         return np.partition(sims, sims.shape[1] - k, axis=1)[:, -k:].mean(axis=1)
 
-    def weights(self, learned: Matrix) -> Matrix:
-        t = np.clip((self.scores(learned) - self.low) / max(self.high - self.low, 1e-6), 0.0, 1.0)
+    def weights(self, learned: Matrix, logits: Matrix | None = None, features: Matrix | None = None) -> Matrix:
+        t = np.clip((self.scores(learned, logits, features) - self.low) / max(self.high - self.low, 1e-6), 0.0, 1.0)
         return (self.weight_out + t * (self.weight_in - self.weight_out)).astype(np.float32)
+
+
+HUB_KINDS = ("csls", "inverted_softmax")
+
+
+@dataclass(frozen=True)
+class TagHubness:
+    """Hubness correction of tag scores: a per-tag penalty from the tag's similarity to a fixed image bank.
+
+    Some tags sit close to many image directions ("hubs", Radovanovic et al., JMLR 2010) and crowd the top
+    of every ranking. With `bank` a fixed sample of image tag directions stored in the head file, a tag's
+    hubness r_t is either (kind "csls") the mean cosine to its k nearest bank rows, as in CSLS (Lample et
+    al. 2018: score = 2 cos - r_t - r_x, where r_x is constant per image), or (kind "inverted_softmax")
+    temperature * log(mean_j exp(cos_j / temperature)), the log-normaliser of the inverted softmax (Smith
+    et al. 2017). The tag's score becomes cos - weight * r_t. r_t depends only on the tag and the bank, so a
+    tag added at run time is corrected at once, and every other tag's correction stays the same.
+    """
+
+    bank: Matrix
+    k: int
+    weight: float
+    kind: str = "csls"
+    temperature: float = 0.05
+
+    def hubness(self, projected_tags: Matrix) -> Matrix:
+        """r_t of each (projected, unit) tag."""
+        if projected_tags.shape[0] == 0:
+            return np.zeros(0, dtype=np.float32)
+        sims = (projected_tags @ self.bank.T).astype(np.float64)
+        if self.kind == "inverted_softmax":
+            z = sims / self.temperature
+            top = z.max(axis=1, keepdims=True)
+            lse = top[:, 0] + np.log(np.exp(z - top).mean(axis=1))
+            return (self.temperature * lse).astype(np.float32)
+        k = min(self.k, sims.shape[1])
+        return np.partition(sims, sims.shape[1] - k, axis=1)[:, -k:].mean(axis=1).astype(np.float32)
+
+    def penalty(self, projected_tags: Matrix) -> Matrix:
+        return (self.weight * self.hubness(projected_tags)).astype(np.float32)
 
 
 @dataclass
@@ -177,12 +242,21 @@ class LearnedHead:
     tag_anchor_penalty: float = 0.0
     # Optional in-domain gate for the tag blend (see TagGate): replaces tag_conse_weight per image.
     tag_gate: TagGate | None = None
+    # Optional hubness correction of tag scores (see TagHubness), added to the anchor penalty.
+    tag_hub: TagHubness | None = None
+    # Optional second gate: the image's tag ConSE weight is the larger of the two gates' weights (e.g. a
+    # photo-kind gate and an in-domain gate, so either an object photo or an unfamiliar photo gets ConSE).
+    tag_gate_max: TagGate | None = None
     _anchors: Matrix | None = None
 
     @property
     def needs_logits(self) -> bool:
         uses = max(self.conse_weight, self.tag_conse_weight or 0.0) > 0 or self.tag_gate is not None
-        return self.conse is not None and uses
+        return self.conse is not None and (uses or self.tag_gate_max is not None)
+
+    def learned_direction(self, features: Matrix) -> Matrix:
+        """The learned image direction alone (no ConSE blend)."""
+        return l2_normalise(_run(self.image_layers, self._features(features)))
 
     def _features(self, features: Matrix) -> Matrix:
         x = features.astype(np.float32, copy=False)
@@ -206,8 +280,11 @@ class LearnedHead:
 
     def tag_direction(self, features: Matrix, logits: Matrix | None) -> Matrix:
         if self.tag_gate is not None:
-            learned = l2_normalise(_run(self.image_layers, self._features(features)))
-            return self._blend(features, logits, self.tag_gate.weights(learned)[:, None])
+            learned = self.learned_direction(features)
+            weights = self.tag_gate.weights(learned, logits, features)
+            if self.tag_gate_max is not None:
+                weights = np.maximum(weights, self.tag_gate_max.weights(learned, logits, features))
+            return self._blend(features, logits, weights[:, None])
         weight = self.conse_weight if self.tag_conse_weight is None else self.tag_conse_weight
         return self._blend(features, logits, weight)
 
@@ -220,12 +297,16 @@ class LearnedHead:
         return l2_normalise(out)
 
     def tag_bias(self, projected_tags: Matrix) -> Matrix:
-        if self.tag_anchor_penalty == 0.0 or self.conse is None or projected_tags.shape[0] == 0:
-            return np.zeros(projected_tags.shape[0], dtype=np.float32)
-        if self._anchors is None:
-            self._anchors = self.project_texts(self.conse.class_embeddings)
-        best = (projected_tags @ self._anchors.T).max(axis=1)
-        return (-self.tag_anchor_penalty * best).astype(np.float32)
+        bias = np.zeros(projected_tags.shape[0], dtype=np.float32)
+        if projected_tags.shape[0] == 0:
+            return bias
+        if self.tag_anchor_penalty != 0.0 and self.conse is not None:
+            if self._anchors is None:
+                self._anchors = self.project_texts(self.conse.class_embeddings)
+            bias -= self.tag_anchor_penalty * (projected_tags @ self._anchors.T).max(axis=1)
+        if self.tag_hub is not None:
+            bias -= self.tag_hub.penalty(projected_tags)
+        return bias.astype(np.float32, copy=False)
 
 
 def _layers(arrays: dict[str, Matrix], specs: list[dict[str, str]], what: str) -> list[Layer]:
@@ -248,26 +329,61 @@ def _layers(arrays: dict[str, Matrix], specs: list[dict[str, str]], what: str) -
     return layers
 
 
-def _gate(arrays: dict[str, Matrix], spec: Any, text_dim: int, name: str) -> TagGate | None:
+def _gate(arrays: dict[str, Matrix], spec: Any, text_dim: int, feature_dim: int, name: str) -> TagGate | None:
     if spec is None:
         return None
     try:
-        bank = arrays[str(spec["bank"])].astype(np.float32)
+        signal = str(spec.get("signal", "knn"))
+        if signal == "knn" or "bank" in spec:
+            bank = arrays[str(spec["bank"])].astype(np.float32)
+        else:
+            bank = np.zeros((0, text_dim), dtype=np.float32)
         gate = TagGate(
-            bank=l2_normalise(bank),
-            k=int(spec["k"]),
+            # A linear gate's row is a weight vector, not a direction: it is kept as stored.
+            bank=bank if signal == "linear" else l2_normalise(bank),
+            k=int(spec.get("k", 1)),
             low=float(spec["low"]),
             high=float(spec["high"]),
             weight_out=float(spec["weight_out"]),
             weight_in=float(spec["weight_in"]),
+            signal=signal,
+            offset=float(spec.get("offset", 0.0)),
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise InvalidArgument(f"{name}: tag_gate is malformed ({exc})") from None
-    if bank.ndim != 2 or bank.shape[1] != text_dim or gate.k < 1 or not gate.low < gate.high:
-        raise InvalidArgument(f"{name}: tag_gate needs an (n, {text_dim}) bank, k >= 1 and low < high")
+    if signal not in GATE_SIGNALS:
+        raise InvalidArgument(f"{name}: unknown tag_gate signal {signal!r} (known: {', '.join(GATE_SIGNALS)})")
+    width = feature_dim if signal == "linear" else text_dim
+    if bank.ndim != 2 or bank.shape[1] != width or gate.k < 1 or not gate.low < gate.high:
+        raise InvalidArgument(f"{name}: tag_gate needs an (n, {width}) bank, k >= 1 and low < high")
+    if signal in ("knn", "linear") and bank.shape[0] == 0:
+        raise InvalidArgument(f"{name}: a {signal} tag_gate needs a non-empty bank")
     if not (0.0 <= gate.weight_out <= 1.0 and 0.0 <= gate.weight_in <= 1.0):
         raise InvalidArgument(f"{name}: tag_gate weights must be in [0, 1]")
     return gate
+
+
+def _hub(arrays: dict[str, Matrix], spec: Any, text_dim: int, name: str) -> TagHubness | None:
+    if spec is None:
+        return None
+    try:
+        bank = arrays[str(spec["bank"])].astype(np.float32)
+        hub = TagHubness(
+            bank=l2_normalise(bank),
+            k=int(spec.get("k", 10)),
+            weight=float(spec["weight"]),
+            kind=str(spec.get("kind", "csls")),
+            temperature=float(spec.get("temperature", 0.05)),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise InvalidArgument(f"{name}: tag_hub is malformed ({exc})") from None
+    if hub.kind not in HUB_KINDS:
+        raise InvalidArgument(f"{name}: unknown tag_hub kind {hub.kind!r} (known: {', '.join(HUB_KINDS)})")
+    if bank.ndim != 2 or bank.shape[0] == 0 or bank.shape[1] != text_dim or hub.k < 1:
+        raise InvalidArgument(f"{name}: tag_hub needs a non-empty (n, {text_dim}) bank and k >= 1")
+    if not (0.0 <= hub.weight <= 2.0 and hub.temperature > 0.0):
+        raise InvalidArgument(f"{name}: tag_hub weight must be in [0, 2] and its temperature > 0")
+    return hub
 
 
 def read_head_manifest(path: Path) -> dict[str, Any]:
@@ -330,7 +446,11 @@ def load_head(
     ):
         if value is not None and not 0.0 <= value <= 1.0:
             raise InvalidArgument(f"{path.name}: {key} must be in [0, 1], got {value}")
-    gate = _gate(arrays, manifest.get("tag_gate"), text_dim, path.name)
+    gate = _gate(arrays, manifest.get("tag_gate"), text_dim, feature_dim, path.name)
+    hub = _hub(arrays, manifest.get("tag_hub"), text_dim, path.name)
+    gate_max = _gate(arrays, manifest.get("tag_gate_max"), text_dim, feature_dim, path.name)
+    if gate_max is not None and gate is None:
+        raise InvalidArgument(f"{path.name}: tag_gate_max needs a tag_gate")
     uses_conse = max(conse_weight, tag_weight or 0.0, tag_penalty) > 0 or gate is not None
     if uses_conse and conse is None:
         raise FailedPrecondition(f"{path.name} blends with ConSE but no ConSE head is available")
@@ -351,6 +471,8 @@ def load_head(
         tag_conse_weight=tag_weight,
         tag_anchor_penalty=tag_penalty,
         tag_gate=gate,
+        tag_hub=hub,
+        tag_gate_max=gate_max,
         manifest=manifest,
         metrics=metrics,
     )

@@ -19,6 +19,7 @@ from imgsearch.kit.errors import ImgsearchError
 from imgsearch.models.manifest import ModelManifest
 from imgsearch.training.data import Prepared, SplitData, prepare
 from imgsearch.training.features import Matrix
+from imgsearch.training.kinds import kinds_markdown, kinds_report
 from imgsearch.training.metrics import (
     best_of_ranks,
     median_rank,
@@ -112,7 +113,12 @@ def describe(manifest: dict[str, Any]) -> str:
         parts.append("unseen held out")
     if float(manifest.get("conse_weight", 0.0)) > 0:
         parts.append(f"ConSE blend {float(manifest['conse_weight']):.2f}")
-    if manifest.get("tag_conse_weight") is not None:
+    gate = manifest.get("tag_gate") or {}
+    if gate.get("signal") == "linear":
+        knn = " or kNN in-domain gate" if manifest.get("tag_gate_max") else ""
+        hub = ", hubness-corrected" if manifest.get("tag_hub") else ""
+        parts.append(f"tags: ConSE weight by a photo-kind gate{knn}{hub}")
+    elif manifest.get("tag_conse_weight") is not None:
         # The tag columns use the tag setting (imgsearch.training.tagging), not the search blend.
         tag_w, tag_p = float(manifest["tag_conse_weight"]), float(manifest.get("tag_anchor_penalty", 0.0))
         parts.append(f"tags: blend {tag_w:.2f}, anchor penalty {tag_p:.2f}")
@@ -266,6 +272,24 @@ def plot_curves(rows: Sequence[Row], path: Path) -> bool:
     return True
 
 
+KINDS_BEGIN, KINDS_END = "<!-- photo-kinds:begin -->", "<!-- photo-kinds:end -->"
+
+
+def kinds_section(report: dict[str, Any]) -> str:
+    """The Markdown block of the served-tagging table over the three kinds of photos."""
+    return f"{KINDS_BEGIN}\n\nReproduce: `{report['command']}`\n\n{kinds_markdown(report['rows'])}\n\n{KINDS_END}"
+
+
+def write_block(path: Path, block: str, begin: str, end: str) -> None:
+    """Replace the text between `begin` and `end` of a document, or append the block."""
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Evaluation\n"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text, encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", type=Path, required=True, help="dataset (Flickr8k dir, COCO root/JSON, tag folder)")
@@ -279,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path, help="write the Markdown table here")
     parser.add_argument("--plot", type=Path, help="write the training curves (PNG) here")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--objects", type=Path, help="folder with imagenette/ and caltech101/: adds the served-tagging table by kind"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     model_dirs = args.model_dir or [Path("models")]
@@ -311,6 +338,15 @@ def main(argv: list[str] | None = None) -> int:
         write_markdown(args.markdown, markdown_table(rows), command)
     if args.plot:
         plot_curves(rows, args.plot)
+    if args.objects:
+        report = kinds_report(args.data, model_dirs[0], args.objects, args.heads, command)
+        print(kinds_markdown(report["rows"]))
+        if args.json:
+            payload = json.loads(args.json.read_text())
+            payload["photo_kinds"] = report
+            args.json.write_text(json.dumps(payload, indent=2) + "\n")
+        if args.markdown:
+            write_block(args.markdown, kinds_section(report), KINDS_BEGIN, KINDS_END)
     return 0
 
 

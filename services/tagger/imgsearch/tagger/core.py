@@ -57,12 +57,39 @@ def clean_tag(raw: str, max_chars: int) -> str:
     return name
 
 
+# Class labels that are glosses rather than names, and the short name each one is tagged as.
+_SHORT_NAMES = {
+    "a cat having a striped coat": "tabby cat",
+    "tights for gymnastics, a one-piece leotard, or a sport jersey": "leotard",
+    "vaulted or arched ceiling": "vaulted ceiling",
+    "traffic or street sign": "traffic sign",
+    "fruiting spike of a cereal plant": "ear of grain",
+    "desert grassland whiptail lizard": "whiptail lizard",
+    "bouvier des flandres dog": "Bouvier des Flandres",
+    "hen of the woods mushroom": "hen of the woods",
+}
+_GLOSS = re.compile(r"\s*\([^)]*\)")
+
+
+def short_name(label: str) -> str:
+    """A clean short tag for a class label: a listed short name, else the label without its parenthesised
+    gloss, cut at the first ' / ', ',' or ' or ' (the first of several names), without a leading article."""
+    listed = _SHORT_NAMES.get(label.casefold())
+    if listed is not None:
+        return listed
+    name = _GLOSS.sub("", label)
+    for sep in (" / ", ",", " or "):
+        name = name.split(sep)[0]
+    name = re.sub(r"^(a|an) ", "", name.strip())
+    return _SPACES.sub(" ", name).strip() or label
+
+
 def starter_vocabulary(class_labels: Sequence[str]) -> list[str]:
-    """ImageNet class names plus common everyday words, deduplicated case-insensitively."""
+    """Short ImageNet class names plus common everyday words, deduplicated case-insensitively."""
     text = resources.files("imgsearch.tagger").joinpath("everyday_words.txt").read_text(encoding="utf-8")
     words = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
     seen: dict[str, str] = {}
-    for name in [*class_labels, *words]:
+    for name in [*(short_name(c) for c in class_labels), *words]:
         seen.setdefault(tag_key(name), name)
     return list(seen.values())
 
