@@ -44,12 +44,16 @@ SPACE_KINDS = ("Flat", "HNSW", "IVFPQ")
 class AnnParams:
     min_vectors: int = 50_000
     merge_min: int = 10_000
-    merge_ratio: float = 0.1
+    # The exact tail holds float32 vectors (6.5 KB per record for both spaces): kept to 5 % of the base so that it
+    # costs at most ~330 B per record on top of the base (docs/benchmarks.md, RAM per image).
+    merge_ratio: float = 0.05
     rebuild_dead_fraction: float = 0.25
     hnsw_m: int = 32
-    hnsw_ef_construction: int = 64
-    hnsw_ef_search: int = 64
-    ivf_nprobe: int = 16
+    # efConstruction 128 / efSearch 256: recall@10 0.996 (synthetic) and 1.000 (MiniLM captions) at 100k, where
+    # 64 / 64 gave 0.78 / 0.99, for under 1 ms a query on one core (docs/benchmarks.md).
+    hnsw_ef_construction: int = 128
+    hnsw_ef_search: int = 256
+    ivf_nprobe: int = 32
     pq_dims_per_code: int = 8
     brute_limit: int = 20_000
     build_threads: int = 1
@@ -97,7 +101,11 @@ def new_base_index(kind: str, dim: int, train: Matrix, params: AnnParams) -> Any
         m = _pq_m(dim, params.pq_dims_per_code)
         # 8 bits per code unless the training set is too small for 256 centroids per sub-quantizer.
         nbits = 8 if n >= 39 * 256 else 4
-        index = faiss.index_factory(dim, f"IVF{nlist},PQ{m}x{nbits}", faiss.METRIC_INNER_PRODUCT)
+        # "np": no polysemous training (a code permutation for Hamming pre-filtering, which these searches never
+        # use); it was 20 of the 21 s of a 3,000-row build and grows with the number of sub-quantizers.
+        # Not 4-bit fast scan ("x4fs", faster still): in faiss 1.15.1 reconstructing from one read back from a
+        # snapshot segfaults, and _brute reconstructs (docs/benchmarks.md, "Choosing the approximate kinds").
+        index = faiss.index_factory(dim, f"IVF{nlist},PQ{m}x{nbits}np", faiss.METRIC_INNER_PRODUCT)
         sample = train
         if n > 64 * nlist:
             pick = np.random.default_rng(0).choice(n, 64 * nlist, replace=False)
@@ -118,9 +126,6 @@ def build_base(kind: str, dim: int, vectors: Matrix, labels: Labels, params: Ann
         index = faiss.clone_index(old.index)
         row_labels = np.concatenate([old.row_labels, np.asarray(labels, dtype=np.int64)])
         trained = old.trained_rows
-    if kind == "IVFPQ" and old is not None:
-        # The direct map is rebuilt by add below.
-        pass
     index.add(x)
     if kind == "IVFPQ":
         faiss.extract_index_ivf(index).make_direct_map()

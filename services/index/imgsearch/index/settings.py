@@ -42,8 +42,7 @@ class IndexSettings(ServerSettings):
     hnsw_ef_construction: int = Field(128, ge=8, description="HNSW build-time beam width")
     hnsw_ef_search: int = Field(256, ge=1, description="HNSW search beam width (raised to k when k is larger)")
     ivf_nprobe: int = Field(32, ge=1, description="IVF lists probed per visual search")
-    pq_dims_per_code: int = Field(4, ge=1, description="dimensions per PQ sub-quantizer of the visual space")
-    pq_bits: int = Field(4, description="bits per PQ sub-quantizer: 4 (FAISS fast scan; 1280-d: 160 B per vector) or 8")
+    pq_dims_per_code: int = Field(8, ge=1, description="dimensions per PQ byte of the visual space")
     rerank: int = Field(300, ge=0, description="visual (PQ) candidates re-ranked exactly from stored float16 vectors")
     filter_brute_limit: int = Field(
         20_000, ge=0, description="filters allowing at most this many base rows are scored exactly, not by ANN"
@@ -81,13 +80,6 @@ class IndexSettings(ServerSettings):
             raise ValueError(f"unknown index type {value!r}; known: {', '.join(INDEX_KINDS)}")
         return value
 
-    @field_validator("pq_bits")
-    @classmethod
-    def _known_pq_bits(cls, value: int) -> int:
-        if value not in (4, 8):
-            raise ValueError(f"pq_bits must be 4 or 8, got {value}")
-        return value
-
     @field_validator("visual_index", "semantic_index")
     @classmethod
     def _known_space_kind(cls, value: str) -> str:
@@ -106,7 +98,6 @@ class IndexSettings(ServerSettings):
             hnsw_ef_search=self.hnsw_ef_search,
             ivf_nprobe=self.ivf_nprobe,
             pq_dims_per_code=self.pq_dims_per_code,
-            pq_bits=self.pq_bits,
             brute_limit=self.filter_brute_limit,
             build_threads=self.build_threads,
         )

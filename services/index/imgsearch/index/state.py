@@ -41,6 +41,7 @@ class Memory:
         self.db_path = db_path
         self.ids: dict[str, int] = {}
         self.slots: dict[int, Slot] = {}
+        self._heads: dict[frozenset[str], frozenset[str]] = {}
         self.visual = self.space(Space.VISUAL)
         self.semantic: dict[str, SegmentedSpace] = {}
         # Last change seq applied to the indexes, the seq and time of the newest snapshot, changes since it.
@@ -56,8 +57,18 @@ class Memory:
         return SegmentedSpace(kind, self.kind, dim, self.use_gpu, s.ann_params(), tail, s.search_threads)
 
     def set_slots(self, slots: dict[int, Slot]) -> None:
+        for slot in slots.values():
+            self._intern(slot)
         self.slots = slots
         self.ids = {slot.id: label for label, slot in slots.items()}
+
+    def _intern(self, slot: Slot) -> None:
+        """Share one frozenset per distinct set of heads: at a million records, a set each costs ~200 MB."""
+        key = slot.heads if isinstance(slot.heads, frozenset) else frozenset(slot.heads)  # writes may pass a set
+        heads = self._heads.setdefault(key, key)
+        if heads is not slot.heads:
+            # Slot is frozen for its users; swapping an equal (frozen) set in is invisible to them.
+            object.__setattr__(slot, "heads", heads)
 
     def reset_indexes(self, visual: Any | None = None, semantic: dict[str, Any] | None = None) -> None:
         """Empty spaces, or these (snapshot) spaces: an exact tail index, or (tail index, base, alive rows)."""
@@ -126,6 +137,7 @@ class Memory:
                 del self.ids[old.id]
         for label, slot in delta.slots.items():
             if slot is not None:
+                self._intern(slot)
                 self.slots[label] = slot
                 self.ids[slot.id] = label
         self.applied_seq = delta.last_seq
