@@ -14,7 +14,7 @@ from imgsearch.api.index.v1 import index_pb2, index_pb2_grpc
 from imgsearch.api.tagger.v1 import tagger_pb2, tagger_pb2_grpc
 from imgsearch.gateway.heads import HeadConfig, HeadShard, ShardHeads, StoredSignals
 from imgsearch.gateway.search import Cursor
-from imgsearch.kit.convert import Matrix, from_vector, has_values, packed, to_vector
+from imgsearch.kit.convert import Matrix, from_vector, has_values, packed
 from imgsearch.kit.encoder_client import EncodedImage
 from imgsearch.kit.errors import ImgsearchError
 from imgsearch.models.manifest import ModelInfo
@@ -166,8 +166,8 @@ class TaggerClient:
         req = tagger_pb2.RankTagsRequest(
             image=tagger_pb2.ImageSignal(
                 # Repeated floats: the tagger checks signal sizes on `values` and does not take packed vectors yet.
-                features=to_vector(features),
-                logits=None if logits is None else to_vector(logits),
+                features=packed(features),
+                logits=None if logits is None else packed(logits),
             ),
             top_k=top_k,
             filter=tag_filter,  # type: ignore[arg-type]

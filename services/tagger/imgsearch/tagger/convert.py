@@ -9,7 +9,7 @@ import numpy as np
 from imgsearch.api.common.v1 import common_pb2
 from imgsearch.api.tagger.v1 import tagger_pb2
 from imgsearch.heads import Head
-from imgsearch.kit.convert import Matrix, from_vector, item_error, to_vector
+from imgsearch.kit.convert import Matrix, from_vector, has_values, item_error, to_vector, vector_size
 from imgsearch.kit.errors import FailedPrecondition, InvalidArgument
 from imgsearch.tagger.core import RankedTag, TagChange, TagInfo, VocabUpdate
 from imgsearch.tagger.store import StoredTag
@@ -22,16 +22,16 @@ def signals(images: Sequence[tagger_pb2.ImageSignal]) -> tuple[Matrix, Matrix | 
     """Features (n, d) and logits (n, c), or None when no image carries logits."""
     if not images:
         raise InvalidArgument("no images given")
-    dims = {len(im.features.values) for im in images}
+    dims = {vector_size(im.features) for im in images}
     if len(dims) > 1:
         raise InvalidArgument(f"images have features of different sizes: {sorted(dims)}")
     features = np.stack([from_vector(im.features, None, f"image {i} features") for i, im in enumerate(images)])
-    has_logits = [len(im.logits.values) > 0 for im in images]
+    has_logits = [has_values(im.logits) for im in images]
     if not any(has_logits):
         return features, None
     if not all(has_logits):
         raise InvalidArgument(f"image {has_logits.index(False)} has no logits while others do")
-    if len({len(im.logits.values) for im in images}) > 1:
+    if len({vector_size(im.logits) for im in images}) > 1:
         raise InvalidArgument("images have logits of different sizes")
     logits = np.stack([from_vector(im.logits, None, f"image {i} logits") for i, im in enumerate(images)])
     return features, logits
