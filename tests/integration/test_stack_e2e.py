@@ -315,7 +315,14 @@ def test_a_head_switch_builds_then_flips_with_no_failed_search(stack: Stack, cli
                 res = client.search_image(gallery(stack, name), k=1, space="semantic")
                 assert res.head == target and not res.partial
                 assert res.hits[0].id == name and res.hits[0].score == pytest.approx(1.0, abs=1e-3)
-            stub.ActivateHead(gateway_pb2.ActivateHeadRequest(head=original), timeout=10)
+            # And back, as an operator would: the CLI starts the switch, the flip follows when it is built.
+            back = subprocess.run(
+                [*CLI, "heads", "activate", original, "--address", address],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert back.returncode == 0, back.stderr
             _wait_for_active(stub, original)
         finally:
             stop.set()
