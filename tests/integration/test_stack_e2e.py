@@ -470,8 +470,13 @@ def test_relevance_feedback_from_the_cli_and_the_sdk(stack: Stack, client: Gatew
     sdk = client.search_by_examples(["cat", "astronaut"], ["coffee"], k=4)
     assert cli_ids == [h.id for h in sdk.hits] and len(cli_ids) == 4
     assert not {"cat", "astronaut", "coffee"} & set(cli_ids), "examples are left out of the hits"
+    # Text alone is Rocchio with no examples: exactly the text search.
+    text_only = client.search_by_examples([], text="a cup of coffee", k=3)
+    plain = client.search_text("a cup of coffee", k=3)
+    assert text_only.space == "semantic" and [h.id for h in text_only.hits] == [h.id for h in plain.hits]
+    assert [h.score for h in text_only.hits] == pytest.approx([h.score for h in plain.hits], abs=1e-5)
     with_text = client.search_by_examples(["rocket"], text="a cup of coffee", k=3)
-    assert with_text.space == "semantic" and with_text.hits[0].id == "coffee"
+    assert with_text.space == "semantic" and "rocket" not in [h.id for h in with_text.hits]
 
 
 def test_thumbnails_are_kept_with_each_record_and_served_over_http(stack: Stack) -> None:
