@@ -269,9 +269,6 @@ class Gateway:
                     metrics.IMAGES_ADDED.labels("error" if r.error else "ok").inc()
                 yield done
 
-    async def _add_batch(self, batch: list[tuple[int, NewImage]], timeout: float) -> list[AddResult]:
-        return await self._store_prepared(await self._prepare_batch(batch, timeout), timeout)
-
     async def _prepare_batch(self, batch: list[tuple[int, NewImage]], timeout: float) -> _PreparedBatch:
         """Validate and encode one batch (the pipeline's parallel stage); nothing is stored yet."""
         prepared = _PreparedBatch(batch)

@@ -6,7 +6,7 @@ import base64
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -143,11 +143,6 @@ def decode_token(token: str, query_digest: str) -> Cursor | None:
 
 def rank_key(score: float, image_id: str) -> tuple[float, str]:
     return (-score, image_id)
-
-
-def merge_top(hits: Iterable[tuple[float, str, object]], k: int) -> list[tuple[float, str, object]]:
-    """The global first k by (score desc, id asc): a total order, so pages never overlap or skip."""
-    return sorted(hits, key=lambda h: rank_key(h[0], h[1]))[:k]
 
 
 def filter_terms(pairs: Sequence[tuple[str, Sequence[str]]]) -> tuple[tuple[str, tuple[str, ...]], ...]:

@@ -35,8 +35,6 @@ class Builder:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"builder-{shard}", daemon=True)
-        self.builds = 0
-        self.busy = False
         # One build at a time (the thread, or a caller of run_once).
         self._mutex = threading.Lock()
 
@@ -78,12 +76,8 @@ class Builder:
             if not due:
                 return done
             head, space, mode = due[0]
-            self.busy = True
-            try:
-                if self._build(head, space, mode):
-                    done += 1
-            finally:
-                self.busy = False
+            if self._build(head, space, mode):
+                done += 1
         return done
 
     def _source(self, head: str | None) -> Callable[[Labels], tuple[Labels, Matrix]]:
@@ -136,7 +130,6 @@ class Builder:
             moved = tail_labels[~np.isin(tail_labels, np.fromiter(touched, dtype=np.int64, count=len(touched)))]
             space.tail.remove(moved)
             space.tail.sync()
-        self.builds += 1
         log.info(
             "approximate index swapped in",
             extra={

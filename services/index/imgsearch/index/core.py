@@ -480,13 +480,6 @@ class ShardIndex:
         """Build every approximate index that is due now, on the calling thread (tests, benchmarks)."""
         return self._builder.run_once()
 
-    def index_kinds(self) -> dict[str, str]:
-        """What each space is searched with now: 'Flat' (exact) or its approximate kind once built."""
-        with self._lock.read():
-            out = {"visual": self._memory.visual.served_kind}
-            out.update({f"semantic:{h}": s.served_kind for h, s in self._memory.semantic.items()})
-            return out
-
     def snapshot(self, force: bool = False) -> bool:
         """Write a snapshot if anything changed since the last one (or if forced); True if one was written."""
         return self._snapshots.write(force)

@@ -9,6 +9,7 @@ import re
 import threading
 import time
 import unicodedata
+from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -270,7 +271,7 @@ class TagPage:
 # ---- the core -------------------------------------------------------------------------------------
 
 
-class Tagger:
+class Tagger(ABC):
     """Ranking over the live vocabulary, under any head of the catalog; reads are lock-free on a snapshot.
 
     The base class only reads: VocabularyWriter owns and changes the vocabulary, ReadReplica follows one.
@@ -450,8 +451,9 @@ class Tagger:
     def watch(self) -> AsyncGenerator[VocabUpdate, None]:
         raise FailedPrecondition("this tagger is a read replica; watch the writer's vocabulary instead")
 
+    @abstractmethod
     async def start(self) -> None:
-        raise NotImplementedError
+        """Load what ranking needs (each role gets its vocabulary its own way); health turns SERVING after."""
 
     async def close(self) -> None:
         return None
