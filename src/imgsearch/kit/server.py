@@ -169,7 +169,14 @@ class Runner:
         """Stop taking calls, let in-flight ones finish within the grace period, then shut down."""
         log.info("draining", extra={"grace_seconds": self.settings.grace_seconds})
         await self._set_health(NOT_SERVING)
-        await asyncio.gather(self.app.draining(), self.server.stop(self.settings.grace_seconds))
+        # The app's own listeners drain beside gRPC; a failure there must not cut the gRPC drain short, so
+        # in-flight calls always get their whole grace period before shutdown runs.
+        draining: asyncio.Future[None] = asyncio.ensure_future(self.app.draining())
+        await self.server.stop(self.settings.grace_seconds)
+        try:
+            await draining
+        except Exception:
+            log.exception("draining the app's other listeners failed")
         if self.health_server is not None:
             await self.health_server.stop(0)
         await self.app.shutdown()
