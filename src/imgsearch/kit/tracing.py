@@ -20,6 +20,7 @@ from opentelemetry.instrumentation.grpc import (  # type: ignore[import-untyped]
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, Sampler
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +47,17 @@ def setup_tracing(service: str) -> TracerProvider:
 
     Spans always exist, so trace ids reach logs and propagate to peers; they leave the process only when
     OTEL_EXPORTER_OTLP_ENDPOINT (or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) is set, over OTLP/gRPC, configured by
-    the exporter's standard OTEL_EXPORTER_OTLP_* variables. OTEL_SDK_DISABLED=true turns tracing off.
+    the exporter's standard OTEL_EXPORTER_OTLP_* variables, and sampled as OTEL_TRACES_SAMPLER says (the SDK's
+    default: parentbased_always_on). OTEL_SDK_DISABLED=true turns tracing off.
     """
     global _provider
     with _lock:
         if _provider is not None:
             return _provider
-        provider = TracerProvider(resource=Resource.create({SERVICE_NAME: f"imgsearch-{service}"}))
         endpoint = next((os.environ[v] for v in _ENDPOINT_VARS if os.environ.get(v)), None)
+        provider = TracerProvider(
+            resource=Resource.create({SERVICE_NAME: f"imgsearch-{service}"}), sampler=_sampler(endpoint)
+        )
         if endpoint:
             # Imported only when asked for: the exporter pulls in its own gRPC client stack.
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -63,6 +67,19 @@ def setup_tracing(service: str) -> TracerProvider:
         trace.set_tracer_provider(provider)
         _provider = provider
         return provider
+
+
+def _sampler(endpoint: str | None) -> Sampler | None:
+    """The SDK's own choice (None) when spans are exported; otherwise spans that record nothing.
+
+    With nowhere to send spans, recording them (attributes, events, timings) cost 17 % of the whole stack's CPU
+    per search by id (9.4 -> 7.8 ms, 2 shards); an unsampled span still has a valid context, so trace ids still
+    reach every log line and every peer.
+    Parent-based, so a caller that did sample its trace keeps it sampled downstream.
+    """
+    if endpoint or os.environ.get("OTEL_TRACES_SAMPLER"):
+        return None
+    return ParentBased(root=ALWAYS_OFF)
 
 
 def flush_tracing(timeout_millis: int = 2000) -> None:
