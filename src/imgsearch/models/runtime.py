@@ -13,7 +13,7 @@ import numpy.typing as npt
 
 from imgsearch.kit.errors import FailedPrecondition
 from imgsearch.models.imaging import DecodedImage, ImageLimits, decode_image
-from imgsearch.models.manifest import ImageVariant, ModelManifest
+from imgsearch.models.manifest import ImageVariant, Int8Model, ModelManifest, TextVariant, Variant
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -30,7 +30,9 @@ CPU: Final = "CPUExecutionProvider"
 DEFAULT_PROVIDERS: Final = (TENSORRT, CUDA, CPU)
 
 GraphOptimization = Literal["disabled", "basic", "extended", "all"]
-ImagePrecision = Literal["auto", "fp32", "int8"]
+Precision = Literal["auto", "fp32", "int8"]
+ImagePrecision = Precision
+TextPrecision = Precision
 GPU_PROVIDERS: Final = frozenset({"TensorrtExecutionProvider", "CUDAExecutionProvider"})
 ExecutionMode = Literal["sequential", "parallel"]
 _GRAPH_LEVELS: Final = {
@@ -219,10 +221,37 @@ def normalise(pixels: Pixels) -> Matrix:
 
 @dataclass(frozen=True)
 class VariantChoice:
-    """Which image model to serve, and why (logged at start)."""
+    """Which variant of a model to serve, and why (logged at start)."""
 
-    variant: ImageVariant
+    variant: Variant
     reason: str
+
+
+def _choose_variant(
+    kind: str, precision: Precision, q: Int8Model | None, on_gpu: bool, int8_intact: bool
+) -> VariantChoice:
+    """Pure: the variant of the `kind` model a server runs (see choose_image_variant)."""
+    if precision == "fp32":
+        return VariantChoice("fp32", "fp32 set by configuration")
+    if precision == "int8":
+        if q is None or not int8_intact:
+            raise FailedPrecondition(
+                f"{kind} precision int8 is configured but the int8 {kind} model is missing or does not match "
+                "manifest.json; run `make models` (or set the precision to auto or fp32)"
+            )
+        return VariantChoice(
+            "int8", "int8 set by configuration" + ("" if q.gate_passed else "; its gate has not passed")
+        )
+    if on_gpu:
+        return VariantChoice("fp32", "auto: fp32 on GPU")
+    if q is None:
+        return VariantChoice("fp32", f"auto: no int8 {kind} model exported")
+    if not int8_intact:
+        return VariantChoice("fp32", f"auto: int8 {kind} model missing or not from this export")
+    if not q.gate_passed:
+        why = "not run on this file" if q.gate is None or q.gate.int8_sha256 != q.sha256 else "failed"
+        return VariantChoice("fp32", f"auto: int8 quality gate {why}")
+    return VariantChoice("int8", "auto: int8 on CPU, quality gate passed")
 
 
 def choose_image_variant(
@@ -234,28 +263,18 @@ def choose_image_variant(
     only if it is missing). auto: int8 on CPU when the int8 model is intact and its quality gate passed on
     exactly that file; fp32 on GPU (int8 QDQ gains nothing there) and whenever the gate has not passed.
     """
-    q = manifest.image_int8
-    if precision == "fp32":
-        return VariantChoice("fp32", "fp32 set by configuration")
-    if precision == "int8":
-        if q is None or not int8_intact:
-            raise FailedPrecondition(
-                "image precision int8 is configured but the int8 image model is missing or does not match "
-                "manifest.json; run `make models` (or set the precision to auto or fp32)"
-            )
-        return VariantChoice(
-            "int8", "int8 set by configuration" + ("" if q.gate_passed else "; its gate has not passed")
-        )
-    if on_gpu:
-        return VariantChoice("fp32", "auto: fp32 on GPU")
-    if q is None:
-        return VariantChoice("fp32", "auto: no int8 image model exported")
-    if not int8_intact:
-        return VariantChoice("fp32", "auto: int8 image model missing or not from this export")
-    if not q.gate_passed:
-        why = "not run on this file" if q.gate is None or q.gate.int8_sha256 != q.sha256 else "failed"
-        return VariantChoice("fp32", f"auto: int8 quality gate {why}")
-    return VariantChoice("int8", "auto: int8 on CPU, quality gate passed")
+    return _choose_variant("image", precision, manifest.image_int8, on_gpu, int8_intact)
+
+
+def choose_text_variant(
+    precision: TextPrecision, manifest: ModelManifest, on_gpu: bool, int8_intact: bool
+) -> VariantChoice:
+    """Pure: the text model variant a server runs, by the same rules as choose_image_variant.
+
+    The int8 text model is dynamically quantised (int8 weights, activation ranges per call), which pays on
+    CPU only; auto serves it there once its own gate passed on exactly that file.
+    """
+    return _choose_variant("text", precision, manifest.text_int8, on_gpu, int8_intact)
 
 
 def plan_on_gpu(plan: SessionPlan) -> bool:
@@ -348,6 +367,14 @@ class TextModel:
     @property
     def version(self) -> str:
         return self.manifest.text_version
+
+    @property
+    def variant(self) -> TextVariant:
+        return self.manifest.text_variant
+
+    @property
+    def on_gpu(self) -> bool:
+        return any(p in GPU_PROVIDERS for p in self.providers)
 
     @property
     def providers(self) -> tuple[str, ...]:

@@ -41,7 +41,8 @@ def build_app() -> tuple[ServiceApp, EncoderSettings]:
                 "text_model": info.text_model_version,
                 "providers": list(info.providers),
                 "max_batch": settings.max_batch,
-                "max_wait_ms": settings.max_wait_ms,
+                "image_max_wait_ms": encoder.image_wait_ms,
+                "text_max_wait_ms": encoder.text_wait_ms,
             },
         )
 

@@ -28,6 +28,7 @@ from imgsearch.models.runtime import (
     TextModel,
     VariantChoice,
     choose_image_variant,
+    choose_text_variant,
     default_plan,
     plan_on_gpu,
 )
@@ -38,6 +39,8 @@ Vector = npt.NDArray[np.float32]
 Pixels = npt.NDArray[np.uint8]
 # More image sessions than this buys nothing but memory: batches are already split across them.
 MAX_AUTO_IMAGE_WORKERS = 8
+# Intra-op threads of the text session on CPU unless configured (see text_threads).
+TEXT_THREADS_DEFAULT = 1
 
 
 def cpu_count() -> int:
@@ -61,6 +64,22 @@ def image_workers(settings: EncoderSettings, on_gpu: bool, cpus: int) -> tuple[i
     return workers, intra
 
 
+def text_threads(settings: EncoderSettings, on_gpu: bool) -> int:
+    """Intra-op threads of the one text session: TEXT_THREADS, else INTRA_OP_THREADS, else the default.
+
+    On CPU the default is TEXT_THREADS_DEFAULT (1), measured through real encoder servers on 2 shared vCPUs
+    (benchmarks/bench_encoder.py --text-service, 8 concurrent one-query callers): in two runs one thread served
+    1.9-2.5x (int8) and 1.5-1.9x (fp32) the queries/s of two, and at least as many with one caller.
+    A second intra-op thread mostly waits at each of MiniLM's hundreds of small operators, on cores the gRPC
+    threads need too. On GPU the threads only feed the device: ONNX Runtime's default (0).
+    """
+    if settings.text_threads:
+        return settings.text_threads
+    if settings.intra_op_threads or on_gpu:
+        return settings.intra_op_threads
+    return TEXT_THREADS_DEFAULT
+
+
 @dataclass(frozen=True)
 class ImageItem:
     """One encoded image from a caller, with the caller's name for it (used in error messages)."""
@@ -81,6 +100,22 @@ class ImageEncoding:
 
 ImageResult = ImageEncoding | ImgsearchError
 TextResult = Vector | ImgsearchError
+
+
+# A GPU runs a batch of 32 in about the time of one item, so waiting a little for company pays there.
+GPU_MAX_WAIT_MS = 5.0
+
+
+def batch_wait_ms(configured: float | None, on_gpu: bool) -> float:
+    """How long a micro-batch waits after its first item: the setting if given, else 0 on CPU, 5 ms on GPU.
+
+    On CPU a batch costs the sum of its items (the issue's measurement: batch 1, 8 and 32 give the same
+    images/s), so waiting only adds latency: a lone text query paid the whole 5 ms window. Batches still form
+    without a window, from the items that queue while the model is busy.
+    """
+    if configured is not None:
+        return configured
+    return GPU_MAX_WAIT_MS if on_gpu else 0.0
 
 
 class Encoder:
@@ -115,10 +150,10 @@ class Encoder:
         self._free_models: queue.SimpleQueue[ImageModel] = queue.SimpleQueue()
         for model in self.image_models:
             self._free_models.put(model)
-        # The served view: image_file, image_sha256 and image_version are those of the variant in use.
-        self.manifest = self.image_model.manifest
-        self.text_model = TextModel(model_dir, manifest=m, plan=self.plan)
+        self.text_model, self.text_choice = self._open_text_model(model_dir, m)
         self.tokenizer = self.text_model.tokenizer
+        # The served view: the image_* and text_* files, checksums and versions are those of the variants in use.
+        self.manifest = self.image_model.manifest.serving_text(self.text_model.variant)
         self.providers: tuple[str, ...] = self.image_model.providers
         log.info(
             "execution providers in use",
@@ -129,6 +164,10 @@ class Encoder:
                 "providers": list(self.providers),
                 "image_workers": workers,
                 "image_intra_op_threads": intra,
+                "text_variant": self.text_model.variant,
+                "text_variant_reason": self.text_choice.reason,
+                "text_model": self.text_model.version,
+                "text_intra_op_threads": self.text_model.plan.intra_op_threads,
                 "text_providers": list(self.text_model.providers),
                 "skipped_providers": list(self.plan.providers.skipped),
             },
@@ -143,12 +182,18 @@ class Encoder:
 
         threads = settings.decode_threads or min(4, os.cpu_count() or 1)
         self._decode_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="encoder-decode")
-        wait_s = settings.max_wait_ms / 1000.0
+        self.image_wait_ms = batch_wait_ms(settings.max_wait_ms, self.image_model.on_gpu)
+        self.text_wait_ms = batch_wait_ms(settings.max_wait_ms, self.text_model.on_gpu)
         self.image_batcher: MicroBatcher[Pixels, tuple[Vector, Vector]] = MicroBatcher(
-            "image", self.infer_images, settings.max_batch, wait_s, settings.max_queue_items, workers=workers
+            "image",
+            self.infer_images,
+            settings.max_batch,
+            self.image_wait_ms / 1000.0,
+            settings.max_queue_items,
+            workers=workers,
         )
         self.text_batcher: MicroBatcher[str, Vector] = MicroBatcher(
-            "text", self.infer_texts, settings.max_batch, wait_s, settings.max_queue_items
+            "text", self.infer_texts, settings.max_batch, self.text_wait_ms / 1000.0, settings.max_queue_items
         )
 
     def _open_image_model(
@@ -166,6 +211,24 @@ class Encoder:
                 model = ImageModel(model_dir, manifest=m.serving("int8"), plan=plan, limits=self.limits)
         if choice.variant == "int8" and precision == "int8" and not (m.image_int8 and m.image_int8.gate_passed):
             log.warning("serving the int8 image model although its quality gate has not passed")
+        return model, choice
+
+    def _open_text_model(self, model_dir: Path, m: ModelManifest) -> tuple[TextModel, VariantChoice]:
+        """The text model of the configured precision (see runtime.choose_text_variant) and its threads."""
+        precision = self.settings.text_precision
+        intact = m.text_int8_intact(model_dir)
+
+        def open_on(on_gpu: bool) -> tuple[TextModel, VariantChoice]:
+            choice = choose_text_variant(precision, m, on_gpu, intact)
+            plan = dataclasses.replace(self.plan, intra_op_threads=text_threads(self.settings, on_gpu))
+            return TextModel(model_dir, manifest=m.serving_text(choice.variant), plan=plan), choice
+
+        model, choice = open_on(plan_on_gpu(self.plan))
+        if plan_on_gpu(self.plan) and not model.on_gpu:
+            # A GPU build of onnxruntime on a machine without a usable GPU falls back to CPU: decide again.
+            model, choice = open_on(False)
+        if choice.variant == "int8" and precision == "int8" and not (m.text_int8 and m.text_int8.gate_passed):
+            log.warning("serving the int8 text model although its quality gate has not passed")
         return model, choice
 
     # Model calls block for the length of an inference: the batchers run them in their worker threads.

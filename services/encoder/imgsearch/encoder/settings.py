@@ -10,7 +10,13 @@ from pydantic_settings import NoDecode, SettingsConfigDict
 
 from imgsearch.kit.settings import ServerSettings
 from imgsearch.models.manifest import MANIFEST_NAME, default_model_dir
-from imgsearch.models.runtime import DEFAULT_PROVIDERS, GraphOptimization, ImagePrecision, RuntimeOptions
+from imgsearch.models.runtime import (
+    DEFAULT_PROVIDERS,
+    GraphOptimization,
+    ImagePrecision,
+    RuntimeOptions,
+    TextPrecision,
+)
 
 # Pillow refuses to open anything above twice its MAX_IMAGE_PIXELS (89,478,485) before we can
 # look at it, so a larger configured limit would be a promise the decoder cannot keep.
@@ -48,8 +54,24 @@ class EncoderSettings(ServerSettings):
         "auto",
         description="image model: auto (int8 on CPU when its quality gate passed, else fp32), fp32 or int8",
     )
+    text_precision: TextPrecision = Field(
+        "auto",
+        description="text model: auto (int8 on CPU when its quality gate passed, else fp32), fp32 or int8",
+    )
+    text_threads: int = Field(
+        0,
+        ge=0,
+        le=1024,
+        description="intra-op threads of the text model session (0 = INTRA_OP_THREADS if set, else "
+        "TEXT_THREADS_DEFAULT on CPU and ONNX Runtime's default on GPU)",
+    )
     max_batch: int = Field(32, ge=1, le=1024, description="most items one model call takes")
-    max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="how long a batch waits to fill up")
+    max_wait_ms: float | None = Field(
+        None,
+        ge=0,
+        le=10_000,
+        description="how long a batch waits to fill up after its first item (unset: 0 on CPU, GPU_MAX_WAIT_MS on GPU)",
+    )
     max_items_per_request: int = Field(256, ge=1, description="more images or texts in one call: RESOURCE_EXHAUSTED")
     max_queue_items: int = Field(
         1024, ge=1, description="items waiting for the model, per kind; beyond this calls get RESOURCE_EXHAUSTED"
