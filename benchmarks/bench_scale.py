@@ -27,11 +27,14 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import queue
+import signal
+import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -349,6 +352,21 @@ def main(argv: list[str] | None = None) -> int:
     ps.add_argument("--build-timeout", type=float, default=900.0, help="most seconds to wait for background builds")
     ps.add_argument("--env", nargs="*", default=[], help="KEY=VALUE settings for the shards (IMGSEARCH_INDEX_...)")
     ps.add_argument("--tmp", default=None, help="directory for the shards' data (default: the system's temp dir)")
+    pf = sub.add_parser("fill", help="bulk Upsert rate of 2 shard servers only (A/B against another code tree)")
+    pf.add_argument("--n", type=int, default=60_000, help="records in all (half per shard)")
+    pf.add_argument("--batch", type=int, default=500)
+    pf.add_argument("--rounds", type=int, default=1, help="fills per variant, variants alternating")
+    pf.add_argument(
+        "--variants",
+        nargs="+",
+        default=["this"],
+        help="NAME (the working tree) or NAME=DIR (a tree whose DIR/imgsearch/index shadows this one), then "
+        "';KEY=VALUE' settings of that variant's shards",
+    )
+    pf.add_argument("--env", nargs="*", default=[], help="KEY=VALUE settings for the shards (IMGSEARCH_INDEX_...)")
+    pf.add_argument("--search-calls", type=int, default=0, help="then this many Search/Get calls on shard 0")
+    pf.add_argument("--no-prefetch", action="store_true", help="build each request only once the last one returned")
+    pf.add_argument("--profile", default="", help="py-spy raw profile of shard 0 to this path prefix (per variant)")
     pr = sub.add_parser("rerank", help="visual search cost in one shard (in process) by re-rank depth")
     pr.add_argument("--n", type=int, default=30_000)
     pr.add_argument("--depths", type=int, nargs="+", default=[300, 100, 0])
@@ -357,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         kinds(args)
     elif args.mode == "rerank":
         rerank_cost(args)
+    elif args.mode == "fill":
+        fill(args)
     else:
         scale(args)
     return 0
@@ -397,6 +417,175 @@ def rerank_cost(args: argparse.Namespace) -> None:
             finally:
                 idx.close(final_snapshot=False)
             print(f"| {depth} | {pct(ms, 50):.2f} | {float(np.mean(ms)):.2f} |", flush=True)
+    print(f"\ncommand: python benchmarks/bench_scale.py {' '.join(sys.argv[1:])}")
+
+
+def upsert_requests(rows: np.ndarray, vis: np.ndarray, sem: np.ndarray, head: str, batch: int) -> Iterator[Any]:
+    """UpsertRequests of these rows as `scale` sends them: packed float16 vectors, one head, one metadata entry."""
+    from imgsearch.api.common.v1 import common_pb2
+    from imgsearch.api.index.v1 import index_pb2
+
+    for lo in range(0, rows.shape[0], batch):
+        part = rows[lo : lo + batch]
+        # One float16 conversion per batch rather than per vector; the proto constructors are the rest.
+        v16, s16 = vis[part].astype("<f2"), sem[part].astype("<f2")
+        yield index_pb2.UpsertRequest(
+            records=[
+                index_pb2.Record(
+                    id=f"r{i}",
+                    visual=common_pb2.FloatVector(packed_f16=v16[j].tobytes()),
+                    semantics=[
+                        index_pb2.SemanticVector(head=head, vector=common_pb2.FloatVector(packed_f16=s16[j].tobytes()))
+                    ],
+                    metadata={"album": f"a{i % 10}"},
+                )
+                for j, i in enumerate(part.tolist())
+            ]
+        )
+
+
+def prefetched(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """The items of an iterator made on a thread of their own, up to `depth` ahead: the next request is built
+    while the current one is in flight (a loader that builds, then waits, leaves the shard idle meanwhile)."""
+    ahead: queue.Queue[Any] = queue.Queue(depth)
+    done = object()
+
+    def run() -> None:
+        try:
+            for item in items:
+                ahead.put(item)
+        finally:
+            ahead.put(done)
+
+    threading.Thread(target=run, daemon=True).start()
+    while (item := ahead.get()) is not done:
+        yield item
+
+
+def searches(stub: Any, sem: np.ndarray, vis: np.ndarray, calls: int, rnd: int, name: str) -> None:
+    """Search (semantic and visual, k = 10) and Get (10 ids) q/s on one filled shard, 8 callers."""
+    from imgsearch.api.common.v1 import common_pb2
+    from imgsearch.api.index.v1 import index_pb2
+
+    def req(space: Any, q: np.ndarray) -> Any:
+        vec = common_pb2.FloatVector(packed_f32=q.astype("<f4").tobytes())
+        return index_pb2.SearchRequest(space=space, k=10, query=vec, semantic_head="h@1" if space == 2 else "")
+
+    sem_reqs = [req(common_pb2.SPACE_SEMANTIC, sem[i]) for i in range(0, 400, 2)]
+    vis_reqs = [req(common_pb2.SPACE_VISUAL, vis[i]) for i in range(0, 400, 2)]
+    gets = [index_pb2.GetRequest(ids=[f"r{2 * (i + j)}" for j in range(10)]) for i in range(200)]
+    for what, call in (
+        ("Search semantic", lambda i: stub.Search(sem_reqs[i % 200], timeout=60)),
+        ("Search visual", lambda i: stub.Search(vis_reqs[i % 200], timeout=60)),
+        ("Get 10 ids", lambda i: stub.Get(gets[i % 200], timeout=60)),
+    ):
+        r = load(call, calls, 8)
+        print(f"|   {rnd} | {name} | {what}, 8 callers: {r.qps:,.0f} q/s, p50 {r.p50_ms:.2f} ms | | | | |", flush=True)
+
+
+def fill(args: argparse.Namespace) -> None:
+    """Two shard servers (no gateway, encoder or tagger), filled at once through Upsert by this process, one
+    thread per shard; per variant and round: records/s per shard and the client's share of the time."""
+    import grpc
+
+    from imgsearch.api.index.v1 import index_pb2_grpc
+    from imgsearch.devstack import ServiceSpec, Stack, free_port_range, stop_pids
+
+    rng = np.random.default_rng(0)
+    vis = unit(rng.standard_normal((args.n, VD), dtype=np.float32))
+    sem = unit(rng.standard_normal((args.n, SD), dtype=np.float32))
+    extra = dict(kv.split("=", 1) for kv in args.env)
+    variants: list[tuple[str, str, dict[str, str]]] = []
+    for spec in args.variants:
+        head, *settings = spec.split(";")
+        name, _, tree = head.partition("=")
+        variants.append((name, tree, dict(kv.split("=", 1) for kv in settings)))
+    print(
+        "| round | variant | records/s per shard | fill s | client wait s per shard | shard CPU µs/record | "
+        "client CPU µs/record |\n|---:|---|---|---:|---:|---|---:|"
+    )
+    for rnd in range(args.rounds):
+        for name, tree, own in variants:
+            with tempfile.TemporaryDirectory() as tmp:
+                stack = Stack(Path(tmp))
+                base = free_port_range(10)
+                env_path = {"PYTHONPATH": f"{tree}:{os.environ.get('PYTHONPATH', '')}"} if tree else {}
+                specs = []
+                for si in range(2):
+                    shard = f"index-{si}"
+                    env = {
+                        "IMGSEARCH_INDEX_SHARD": shard,
+                        "IMGSEARCH_INDEX_DATA_DIR": str(Path(tmp) / shard),
+                        "IMGSEARCH_INDEX_HOST": "127.0.0.1",
+                        "IMGSEARCH_INDEX_PORT": str(base + si),
+                        "IMGSEARCH_INDEX_METRICS_HOST": "127.0.0.1",
+                        "IMGSEARCH_INDEX_METRICS_PORT": str(base + 5 + si),
+                        **env_path,
+                        **extra,
+                        **own,
+                    }
+                    specs.append(ServiceSpec(shard, "index", base + si, base + 5 + si, env))
+                for spec in specs:
+                    stack.spawn(spec)
+                prof = None
+                try:
+                    stack.wait_serving(specs, 120)
+                    opts = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+                    channels = [grpc.insecure_channel(s.address, options=opts) for s in specs]
+                    stubs = [index_pb2_grpc.IndexServiceStub(c) for c in channels]
+                    if args.profile:
+                        out = f"{args.profile}-{name}.txt"
+                        cmd = [str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(specs[0].pid)]
+                        cmd += ["-d", "600", "-f", "raw", "-o", out, "--nonblocking"]
+                        prof = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                        time.sleep(1.0)
+                    building = [0.0, 0.0]
+
+                    def write(si: int, stubs: list[Any] = stubs, building: list[float] = building) -> float:
+                        rows = np.arange(si, args.n, 2)
+                        t0 = time.perf_counter()
+                        reqs = upsert_requests(rows, vis, sem, "h@1", args.batch)
+                        if not args.no_prefetch:
+                            reqs = prefetched(reqs)
+                        while True:
+                            t1 = time.perf_counter()
+                            req = next(reqs, None)
+                            building[si] += time.perf_counter() - t1
+                            if req is None:
+                                break
+                            out = stubs[si].Upsert(req, timeout=600)
+                            if any(r.HasField("error") for r in out.results):
+                                raise RuntimeError(f"upsert failed: {out.results[0]}")
+                        return rows.shape[0] / (time.perf_counter() - t0)
+
+                    hz = os.sysconf("SC_CLK_TCK")
+                    cpu0 = [cpu_ticks([s.pid]) for s in specs]
+                    me0 = os.times()
+                    t0 = time.perf_counter()
+                    with ThreadPoolExecutor(2) as pool:
+                        rates = list(pool.map(write, range(2)))
+                    wall = time.perf_counter() - t0
+                    me1 = os.times()
+                    # CPU per record (µs): each shard process over its records, this process over all of them.
+                    shard_us = [
+                        (cpu_ticks([s.pid]) - c) / hz / (args.n / 2) * 1e6 for s, c in zip(specs, cpu0, strict=True)
+                    ]
+                    client_us = (me1.user + me1.system - me0.user - me0.system) / args.n * 1e6
+                    print(
+                        f"| {rnd} | {name} | {rates[0]:,.0f} / {rates[1]:,.0f} | {wall:.1f} | "
+                        f"{building[0]:.1f} / {building[1]:.1f} | {shard_us[0]:.0f} / {shard_us[1]:.0f} | "
+                        f"{client_us:.0f} |",
+                        flush=True,
+                    )
+                    if args.search_calls:
+                        searches(stubs[0], sem, vis, args.search_calls, rnd, name)
+                    for c in channels:
+                        c.close()
+                finally:
+                    if prof is not None:
+                        prof.send_signal(signal.SIGINT)
+                        prof.wait(60)
+                    stop_pids([s.pid for s in specs], 60.0)
     print(f"\ncommand: python benchmarks/bench_scale.py {' '.join(sys.argv[1:])}")
 
 
@@ -495,24 +684,7 @@ def scale(args: argparse.Namespace) -> None:
                 def write(si: int, n: int = n, vis: np.ndarray = vis, sem: np.ndarray = sem, head: str = head) -> float:
                     rows = np.arange(si, n, 2)
                     t0 = time.perf_counter()
-                    for lo in range(0, rows.shape[0], args.batch):
-                        batch = rows[lo : lo + args.batch]
-                        req = index_pb2.UpsertRequest(
-                            records=[
-                                index_pb2.Record(
-                                    id=f"r{i}",
-                                    visual=common_pb2.FloatVector(packed_f16=vis[i].astype("<f2").tobytes()),
-                                    semantics=[
-                                        index_pb2.SemanticVector(
-                                            head=head,
-                                            vector=common_pb2.FloatVector(packed_f16=sem[i].astype("<f2").tobytes()),
-                                        )
-                                    ],
-                                    metadata={"album": f"a{i % 10}"},
-                                )
-                                for i in batch.tolist()
-                            ]
-                        )
+                    for req in prefetched(upsert_requests(rows, vis, sem, head, args.batch)):
                         out = stubs[si].Upsert(req, timeout=600)  # noqa: B023 - called before stubs changes
                         bad = [r for r in out.results if r.HasField("error")]
                         if bad:

@@ -7,6 +7,10 @@ import threading
 from collections.abc import Iterator
 
 
+class WouldBlock(Exception):
+    """A call asked not to wait (try_read, or a caller's own cheap path) would have had to."""
+
+
 class RWLock:
     """Many readers or one writer; a waiting writer holds off new readers so writes are not starved."""
 
@@ -21,6 +25,24 @@ class RWLock:
         with self._cond:
             while self._writer or self._writers_waiting:
                 self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def try_read(self) -> Iterator[None]:
+        """A read lock at once, or WouldBlock when a writer holds the lock or waits for it (never waits).
+
+        For callers on an event loop: they run cheap reads inline and hand the rest to a thread.
+        """
+        with self._cond:
+            if self._writer or self._writers_waiting:
+                raise WouldBlock
             self._readers += 1
         try:
             yield

@@ -262,12 +262,13 @@ class SegmentedSpace:
     # --- reads ---
 
     def search(
-        self, query: Matrix, k: int, allowed: Labels | None = None, exact: bool = False
+        self, query: Matrix, k: int, allowed: Labels | None = None, exact: bool = False, rescored: bool = False
     ) -> tuple[Scores, Labels]:
         """Top-k (scores, labels) of one query row over tail and base, optionally restricted to `allowed`.
 
         exact: score the base's allowed rows exhaustively (cursor paging: an approximate search of a later page
-        could miss hits an earlier page ranked below, leaving gaps)."""
+        could miss hits an earlier page ranked below, leaving gaps). rescored: the caller re-scores every hit
+        exactly (PQ re-ranking), so the base's approximate hits keep the index's own scores."""
         parts: list[tuple[Scores, Labels]] = []
         tail_allowed = allowed
         if allowed is not None and self.tail.ntotal:
@@ -276,7 +277,7 @@ class SegmentedSpace:
             s, lab = self.tail.search(query, min(k, self.tail.ntotal), tail_allowed)
             parts.append((s[0], lab[0]))
         if self.base is not None and self.alive_count:
-            parts.append(self._search_base(query, k, allowed, exact))
+            parts.append(self._search_base(query, k, allowed, exact, rescored))
         if not parts:
             return np.zeros(0, np.float32), np.zeros(0, np.int64)
         scores = np.concatenate([p[0] for p in parts])
@@ -286,7 +287,9 @@ class SegmentedSpace:
         order = np.lexsort((labels, -scores))[:k]
         return scores[order], labels[order]
 
-    def _search_base(self, query: Matrix, k: int, allowed: Labels | None, exact: bool) -> tuple[Scores, Labels]:
+    def _search_base(
+        self, query: Matrix, k: int, allowed: Labels | None, exact: bool, rescored: bool = False
+    ) -> tuple[Scores, Labels]:
         base = self.base
         assert base is not None
         rows: npt.NDArray[np.int64] | None = None
@@ -308,9 +311,12 @@ class SegmentedSpace:
         scores, found = self._ann(query, k, mask)
         if rows is not None and int((found >= 0).sum()) < want:
             return self._brute(query, k, rows)
+        rows_found = found[found >= 0].astype(np.int64)
+        if rescored:
+            # The caller's exact scores replace these: decoding the hits here (as below) would be wasted.
+            return scores[found >= 0], base.row_labels[rows_found]
         # Re-scored the way _brute scores, so that a hit has one score whichever path found it (cursor paging
         # compares scores across pages).
-        rows_found = found[found >= 0].astype(np.int64)
         return (
             self._brute(query, int(rows_found.shape[0]), rows_found) if rows_found.shape[0] else (scores[:0], found[:0])
         )

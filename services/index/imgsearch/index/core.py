@@ -41,6 +41,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 
 from imgsearch.index import metrics, recovery
 from imgsearch.index.ann import SegmentedSpace
@@ -79,7 +80,7 @@ from imgsearch.kit.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from imgsearch.kit.locks import RWLock
+from imgsearch.kit.locks import RWLock, WouldBlock
 
 __all__ = [
     "Cursor",
@@ -100,6 +101,19 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# Searches run on the event loop (search_now) scan at most this many vector components exactly (about 1,500
+# visual or 5,000 semantic vectors: a few hundred microseconds) and ask for at most this many hits.
+INLINE_MAX_SCAN = 2_000_000
+INLINE_MAX_K = 100
+
+
+def _cheap(index: SegmentedSpace) -> bool:
+    """Whether searching this space is microseconds: a small exact tail, and no base or an HNSW one (an IVF-PQ
+    base re-ranks its candidates from SQLite: milliseconds)."""
+    if index.tail.ntotal * index.dim > INLINE_MAX_SCAN:
+        return False
+    return index.base is None or index.base.kind == "HNSW"
 
 
 class ShardIndex:
@@ -165,11 +179,11 @@ class ShardIndex:
         self._validator.check_batch(len(records), "records")
         results: list[WriteResult | None] = [None] * len(records)
         valid: list[tuple[int, UpsertOp]] = []
-        for i, rec in enumerate(records):
-            try:
-                valid.append((i, self._validator.record(i, rec)))
-            except ImgsearchError as exc:
-                results[i] = WriteResult(id=rec.id, error=exc)
+        for i, (rec, checked) in enumerate(zip(records, self._validator.records(records), strict=True)):
+            if isinstance(checked, ImgsearchError):
+                results[i] = WriteResult(id=rec.id, error=checked)
+            else:
+                valid.append((i, checked))
 
         def admit(config: HeadConfig) -> list[int]:
             admitted: list[int] = []
@@ -316,12 +330,14 @@ class ShardIndex:
         where: SearchFilter | None = None,
         min_score: float | None = None,
         after: Cursor | None = None,
+        wait: bool = True,
     ) -> SearchResult:
         """The k stored vectors of one space with the highest inner product with the normalised query.
 
         `where` restricts the search to matching records (inside the index search, so k is filled whenever k
         records match; none matching is an empty answer). `min_score` drops hits scoring below it. `after` is a
         paging cursor: only hits ranked strictly after it by (score desc, id asc) are returned.
+        `wait=False` (see search_now): raise WouldBlock instead of waiting for the lock or scanning much.
         """
         self._check_open()
         check_k(k, self.settings.max_k)
@@ -337,14 +353,16 @@ class ShardIndex:
         allowed = None
         if where is not None:
             allowed = self._store.filter_labels(where.terms, where.created_after_ms, where.created_before_ms)
-        with self._lock.read():
+        with self._read(wait):
             index, head = self._pick(space, semantic_head)
             if index is None or index.ntotal == 0:
                 return SearchResult(hits=[], searched=0, space=space, head=head)
+            if not wait and not _cheap(index):
+                raise WouldBlock
             searched = index.ntotal
         if allowed is not None and allowed.shape[0] == 0:
             return SearchResult(hits=[], searched=searched, space=space, head=head)
-        hits = self._ranked(index, q, k, exclude_ids, where, allowed, min_score, after)
+        hits = self._ranked(index, q, k, exclude_ids, where, allowed, min_score, after, wait)
         kind = index.served_kind
         metrics.SEARCH_SECONDS.labels(self.shard, space.value, kind).observe(time.perf_counter() - t0)
         return SearchResult(hits=hits, searched=searched, space=space, head=head)
@@ -359,11 +377,12 @@ class ShardIndex:
         allowed: Labels | None,
         min_score: float | None,
         after: Cursor | None,
+        wait: bool = True,
     ) -> list[Hit]:
         """Search with a growing depth until k hits pass the cursor, min_score and exclusions (or none are left)."""
         want = k
         while True:
-            with self._lock.read():
+            with self._read(wait):
                 slots = self._memory.slots
                 ids = self._memory.ids
                 excluded = {ids[i] for i in exclude_ids if i in ids}
@@ -371,15 +390,15 @@ class ShardIndex:
                 depth = min(want + len(excluded), total)
                 rerank = index.reranks
                 deep = max(depth, self.settings.rerank) if rerank else depth
-                scores, labels = index.search(q, min(deep, total), allowed, exact=after is not None)
+                scores, labels = index.search(q, min(deep, total), allowed, exact=after is not None, rescored=rerank)
+                # Python ints and floats first: per-element numpy scalars cost several times more.
                 named = [
-                    (int(lb), float(sc), slots[int(lb)].id)
-                    for sc, lb in zip(scores, labels, strict=True)
-                    if int(lb) in slots and int(lb) not in excluded
+                    (lb, sc, slots[lb].id)
+                    for sc, lb in zip(scores.tolist(), labels.tolist(), strict=True)
+                    if lb in slots and lb not in excluded
                 ]
             if rerank and named:
-                exact = self._store.visual_vectors([lb for lb, _, _ in named])
-                named = [(lb, float(exact[lb] @ q[0]), i) for lb, _, i in named if lb in exact]
+                named = self._rescored(named, q[0])
             named.sort(key=lambda t: (-t[1], t[2]))
             exhausted = depth >= total or len(scores) < min(deep, total)
             passing = [
@@ -398,6 +417,44 @@ class ShardIndex:
             for label, score, _ in ranked
             if (rec := found.get(label)) is not None and (where is None or where.matches(rec.metadata, rec.created_ms))
         ]
+
+    def search_now(
+        self,
+        space: Space,
+        query: Vector,
+        k: int,
+        exclude_ids: Sequence[str] = (),
+        semantic_head: str = "",
+        where: SearchFilter | None = None,
+        min_score: float | None = None,
+        after: Cursor | None = None,
+    ) -> SearchResult | None:
+        """search() on the calling thread (the server's event loop) when it costs microseconds: an HNSW base or
+        a small exact scan, no filter or cursor, k <= INLINE_MAX_K; None when it would not, or would have to
+        wait for the shard's lock (a write or snapshot copy in progress), so the caller runs search() on a worker.
+
+        A thread hop costs more than such a search itself (docs/benchmarks.md); long scans, IVF-PQ re-ranking
+        from SQLite and anything that waits stay off the loop, so health checks and other calls never stall.
+        """
+        if where is not None or after is not None or k > INLINE_MAX_K or len(exclude_ids) > INLINE_MAX_K:
+            return None
+        try:
+            return self.search(space, query, k, exclude_ids, semantic_head, None, min_score, None, wait=False)
+        except WouldBlock:
+            return None
+
+    def _read(self, wait: bool) -> AbstractContextManager[None]:
+        return self._lock.read() if wait else self._lock.try_read()
+
+    def _rescored(self, named: list[tuple[int, float, str]], q: Vector) -> list[tuple[int, float, str]]:
+        """Approximate (PQ) candidates re-scored exactly from their stored float16 vectors: one SQLite read and
+        one matrix-vector product (a candidate deleted since the search is dropped)."""
+        labels, vectors = self._store.visual_matrix([lb for lb, _, _ in named])
+        if not labels:
+            return []
+        ids = {lb: i for lb, _, i in named}
+        scores = (vectors @ q).tolist()
+        return [(lb, sc, ids[lb]) for lb, sc in zip(labels, scores, strict=True)]
 
     def _pick(self, space: Space, head: str) -> tuple[SegmentedSpace | None, str | None]:
         """The index a query searches (see the module docstring for the semantic head policy)."""

@@ -1,4 +1,4 @@
-"""IndexService over gRPC: parse the request, call the ShardIndex on a worker thread, convert the result."""
+"""IndexService over gRPC: parse the request, call the ShardIndex (on a worker thread unless cheap), convert."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ from imgsearch.index.core import ShardIndex
 from imgsearch.kit.errors import Unavailable
 
 Context = aio.ServicerContext[Any, Any]
+
+# Get requests of at most this many ids run on the event loop.
+INLINE_GET_IDS = 64
 
 
 class IndexServicer(index_pb2_grpc.IndexServiceServicer):
@@ -29,7 +32,7 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
 
     async def Upsert(self, request: index_pb2.UpsertRequest, context: Context) -> index_pb2.UpsertResponse:
         core = self._core()
-        records = [convert.record_input(r) for r in request.records]
+        records = convert.record_inputs(request.records)
         results = await asyncio.to_thread(core.upsert, records)
         return index_pb2.UpsertResponse(results=[convert.write_result(r) for r in results])
 
@@ -40,8 +43,7 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
 
     async def Search(self, request: index_pb2.SearchRequest, context: Context) -> index_pb2.SearchResponse:
         core = self._core()
-        result = await asyncio.to_thread(
-            core.search,
+        args = (
             convert.space(request.space),
             convert.query(request),
             request.k,
@@ -51,14 +53,26 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
             convert.min_score(request),
             convert.cursor(request),
         )
+        # Right here when it is microseconds (a thread hop would cost more); otherwise on a worker thread.
+        result = core.search_now(*args)
+        if result is None:
+            result = await asyncio.to_thread(core.search, *args)
         return convert.search_response(result, core.shard)
 
     async def Get(self, request: index_pb2.GetRequest, context: Context) -> index_pb2.GetResponse:
         core = self._core()
-        found, missing = await asyncio.to_thread(core.get, list(request.ids), request.include_vectors)
+        ids = list(request.ids)
+        # A few rows from SQLite (a WAL reader never waits for the writer): cheaper here than a thread hop.
+        if len(ids) <= INLINE_GET_IDS:
+            return self._get(core, ids, request.include_vectors, request.include_thumbnails)
+        return await asyncio.to_thread(self._get, core, ids, request.include_vectors, request.include_thumbnails)
+
+    @staticmethod
+    def _get(core: ShardIndex, ids: list[str], vectors: bool, thumbnails: bool) -> index_pb2.GetResponse:
+        found, missing = core.get(ids, vectors)
         records = [convert.record(r) for r in found]
-        if request.include_thumbnails and records:
-            thumbs = await asyncio.to_thread(core.thumbnails, [r.id for r in records])
+        if thumbnails and records:
+            thumbs = core.thumbnails([r.id for r in records])
             for r in records:
                 r.thumbnail = thumbs.get(r.id, b"")
         return index_pb2.GetResponse(records=records, missing_ids=missing)

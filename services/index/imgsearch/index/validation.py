@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -18,7 +19,7 @@ from imgsearch.index.types import (
     SemanticInput,
     Vector,
 )
-from imgsearch.kit.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from imgsearch.kit.errors import FailedPrecondition, ImgsearchError, InvalidArgument, ResourceExhausted
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -43,6 +44,34 @@ def stored(values: Vector, dim: int, what: str) -> Vector:
     return unit(values, dim, what).astype(np.float16).astype(np.float32)
 
 
+def stored_rows(vectors: Sequence[Vector | None], dim: int) -> list[Vector | None]:
+    """stored() of many vectors as one matrix (a bulk upsert's per-vector numpy calls were most of its validation).
+
+    None where a vector is absent or would be refused (not a float32 vector of dim values, non-finite, all
+    zeros): the caller runs stored() on those, which raises the precise error. The same float64 arithmetic as
+    unit(), row by row.
+    """
+    out: list[Vector | None] = [None] * len(vectors)
+    pick: list[int] = []
+    picked: list[Vector] = []
+    for n, v in enumerate(vectors):
+        if isinstance(v, np.ndarray) and v.dtype == np.float32 and v.ndim == 1 and v.shape[0] == dim:
+            pick.append(n)
+            picked.append(v)
+    if not pick:
+        return out
+    wide = np.stack(picked).astype(np.float64)
+    with np.errstate(all="ignore"):
+        norms = np.sqrt(np.einsum("ij,ij->i", wide, wide))
+        ok = np.isfinite(wide).all(axis=1) & (norms > 0.0)
+        wide /= norms[:, None]
+    rows = wide.astype(np.float32).astype(np.float16).astype(np.float32)
+    for n, row, good in zip(pick, rows, ok.tolist(), strict=True):
+        if good:
+            out[n] = row
+    return out
+
+
 def join_heads(heads: Sequence[str]) -> str:
     return ", ".join(repr(h) for h in sorted(heads))
 
@@ -56,6 +85,15 @@ def check_required_heads(i: int, op: UpsertOp, config: HeadConfig) -> None:
                 f"epoch {config.epoch} requires; the writer's head configuration is stale: refresh it "
                 "(GetHeadState) and retry with a vector of every configured head"
             )
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A record's vectors already through stored() (stored_rows); None: absent, or left for stored() to refuse."""
+
+    visual: Vector | None
+    semantic: Vector | None
+    semantics: Sequence[Vector | None]
 
 
 class Validator:
@@ -82,12 +120,33 @@ class Validator:
         if len(head) > self.settings.max_id_length:
             raise InvalidArgument(f"{where}: {field} has {len(head)} characters, at most {self.settings.max_id_length}")
 
-    def record(self, i: int, rec: RecordInput) -> UpsertOp:
+    def records(self, recs: Sequence[RecordInput]) -> list[UpsertOp | ImgsearchError]:
+        """record() of each, in order (an error in place of a refused record); vectors normalised in one go."""
         s = self.settings
+        visual = stored_rows([r.visual for r in recs], s.visual_dim)
+        legacy = stored_rows([r.semantic for r in recs], s.semantic_dim)
+        entries = stored_rows([vec for r in recs for _, vec in r.semantics], s.semantic_dim)
+        out: list[UpsertOp | ImgsearchError] = []
+        at = 0
+        for i, rec in enumerate(recs):
+            mine = entries[at : at + len(rec.semantics)]
+            at += len(rec.semantics)
+            try:
+                out.append(self.record(i, rec, _Prepared(visual[i], legacy[i], mine)))
+            except ImgsearchError as exc:
+                out.append(exc)
+        return out
+
+    def record(self, i: int, rec: RecordInput, prepared: _Prepared | None = None) -> UpsertOp:
+        """The record as an UpsertOp; `prepared`: its vectors already through stored() (None entries: not yet)."""
+        s = self.settings
+        pre = prepared or _Prepared(None, None, [None] * len(rec.semantics))
         self.check_id(rec.id, f"record {i}")
         where = f"record {i} ({rec.id!r})"
-        visual = None if rec.visual is None else stored(rec.visual, s.visual_dim, f"{where}: visual vector")
-        semantics = self._semantics(rec, where)
+        visual = pre.visual
+        if visual is None and rec.visual is not None:
+            visual = stored(rec.visual, s.visual_dim, f"{where}: visual vector")
+        semantics = self._semantics(rec, where, pre)
         if visual is None and not semantics:
             raise InvalidArgument(f"{where}: has neither a visual nor a semantic vector")
         if len(rec.metadata) > s.max_metadata_entries:
@@ -122,7 +181,7 @@ class Validator:
             thumbnail=rec.thumbnail,
         )
 
-    def _semantics(self, rec: RecordInput, where: str) -> dict[str, Vector]:
+    def _semantics(self, rec: RecordInput, where: str, pre: _Prepared) -> dict[str, Vector]:
         """The record's semantic vectors by head: the legacy semantic/semantic_head pair, then `semantics`."""
         dim = self.settings.semantic_dim
         out: dict[str, Vector] = {}
@@ -135,8 +194,10 @@ class Validator:
             raise InvalidArgument(f"{where}: semantic_head {head!r} given without a semantic vector")
         if rec.semantic is not None:
             self._check_head(head, where)
-            out[head] = stored(rec.semantic, dim, f"{where}: semantic vector")
-        for n, (head, vec) in enumerate(rec.semantics):
+            out[head] = (
+                pre.semantic if pre.semantic is not None else stored(rec.semantic, dim, f"{where}: semantic vector")
+            )
+        for n, ((head, vec), ready) in enumerate(zip(rec.semantics, pre.semantics, strict=True)):
             what = f"{where}: semantics {n}"
             if not head:
                 raise InvalidArgument(f"{what}: head is required (name@version of the projection head)")
@@ -148,7 +209,7 @@ class Validator:
                     f"{what}: a second vector of head {head!r} (semantic/semantic_head count as one entry); "
                     "send at most one vector per head"
                 )
-            out[head] = stored(vec, dim, f"{what} (head {head!r}) vector")
+            out[head] = ready if ready is not None else stored(vec, dim, f"{what} (head {head!r}) vector")
         return out
 
     @staticmethod
