@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from imgsearch.heads import read_head_manifest, save_head
 from imgsearch.tagger.core import short_name, starter_vocabulary
 from imgsearch.training.kinds import annotate
 from imgsearch.training.objects import ObjectSet, hits_at, hubness, object_truth
-from imgsearch.training.photo_gate import class_halves, fit_logistic
+from imgsearch.training.photo_gate import Setting, class_halves, fit_logistic, grid
 
 
 def test_object_truth_folds_names_and_tags() -> None:
@@ -77,3 +78,11 @@ def test_annotate_stores_description_and_prefixed_numbers(tmp_path: Path) -> Non
     assert m["metrics"] == {"dev_t2i_r10": 60.0, "kinds_test_flickr_miap": 40.12, "kinds_test_t2i_r10": 67.0}
     with np.load(path) as data:
         assert np.array_equal(data["w"], np.eye(2)) and json.loads(bytes(data["manifest"]).decode())["name"] == "h"
+
+
+def test_settings_round_trip_through_json_with_their_mix() -> None:
+    chosen = grid()[0]
+    assert chosen.mix is not None and chosen.knn_low is not None
+    again = Setting.from_dict(json.loads(json.dumps(dataclasses.asdict(chosen))))
+    assert again == chosen and "raw anchor penalty" in again.label()
+    assert Setting.from_dict(dataclasses.asdict(grid(mixed=False)[0])).mix is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -32,7 +33,8 @@ def softmax(logits: Matrix) -> Matrix:
 
 
 class Head(Protocol):
-    """What the tagger needs from a head; every output row is L2-normalised."""
+    """What the tagger needs from a head; every output row is L2-normalised, except `tag_direction`'s, whose
+    length may set how much the tag bias counts for that image (a tag's score is direction . tag + bias)."""
 
     name: str
     version: str
@@ -175,6 +177,34 @@ class TagGate:
         return (self.weight_out + t * (self.weight_in - self.weight_out)).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class TagMix:
+    """Tag ranking with ConSE as the object-photo expert, in the learned head's text space, unnormalised.
+
+    With w the image's ConSE weight (from the tag gates), c ConSE's direction with class probabilities
+    softmax(logits / temperature), A the text adapter (x -> normalise(x M + b)) and l the learned direction:
+
+        direction = w * (adapted * A(c) + raw * c M^-T) + (1 - w) * learned_scale * l
+
+    The raw term is ConSE's own score seen through the adapter: c M^-T . A(t) = (c . t + b M^-1 . c) / |t M + b|,
+    so up to the per-tag factor |t M + b| it ranks tags as ConSE does in MiniLM's space, where the class names
+    live; the adapted term alone loses object tags the adapter moved. A softer class distribution
+    (temperature > 1) lets more of the likely classes vote. The direction is not normalised: its length against
+    the tag bias is what differs between object photos and the rest (the bias is one vector for every image),
+    and `raw_anchor_penalty` (the tag bias' share of the tag's best cosine to a class name in MiniLM's space,
+    ConSE's own anchor penalty) acts through it.
+    """
+
+    temperature: float = 1.0
+    adapted: float = 1.0
+    raw: float = 0.0
+    learned_scale: float = 1.0
+    raw_anchor_penalty: float = 0.0
+
+    def manifest(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
 HUB_KINDS = ("csls", "inverted_softmax")
 
 
@@ -247,12 +277,16 @@ class LearnedHead:
     # Optional second gate: the image's tag ConSE weight is the larger of the two gates' weights (e.g. a
     # photo-kind gate and an in-domain gate, so either an object photo or an unfamiliar photo gets ConSE).
     tag_gate_max: TagGate | None = None
+    # Optional unnormalised ConSE/learned tag mixture (see TagMix); None: the normalised blend of `_blend`.
+    tag_mix: TagMix | None = None
     _anchors: Matrix | None = None
+    # The text adapter's inverse linear map and its offset through it (M^-1, b M^-1), for TagMix.
+    _inverse: tuple[Matrix, Matrix] | None = None
 
     @property
     def needs_logits(self) -> bool:
         uses = max(self.conse_weight, self.tag_conse_weight or 0.0) > 0 or self.tag_gate is not None
-        return self.conse is not None and (uses or self.tag_gate_max is not None)
+        return self.conse is not None and (uses or self.tag_gate_max is not None or self.tag_mix is not None)
 
     def learned_direction(self, features: Matrix) -> Matrix:
         """The learned image direction alone (no ConSE blend)."""
@@ -284,9 +318,56 @@ class LearnedHead:
             weights = self.tag_gate.weights(learned, logits, features)
             if self.tag_gate_max is not None:
                 weights = np.maximum(weights, self.tag_gate_max.weights(learned, logits, features))
+            if self.tag_mix is not None:
+                return self._mix(features, logits, weights[:, None])
             return self._blend(features, logits, weights[:, None])
         weight = self.conse_weight if self.tag_conse_weight is None else self.tag_conse_weight
+        if self.tag_mix is not None:
+            return self._mix(features, logits, np.full((features.shape[0], 1), weight, np.float32))
         return self._blend(features, logits, weight)
+
+    def _mix(self, features: Matrix, logits: Matrix | None, weights: Matrix) -> Matrix:
+        """TagMix's direction for per-image ConSE weights (n, 1)."""
+        mix = self.tag_mix
+        assert mix is not None
+        out = ((1.0 - weights) * mix.learned_scale * self.learned_direction(features)).astype(np.float32)
+        if self.conse is None or not np.any(weights > 0):
+            return out
+        if logits is None:
+            raise InvalidArgument("this head's tag ranking needs ImageNet logits for every image")
+        conse = self.conse.project_images(features, (logits / mix.temperature).astype(np.float32))
+        expert = np.zeros_like(out)
+        if mix.adapted:
+            expert += mix.adapted * self.project_texts(conse)
+        if mix.raw:
+            expert += mix.raw * (conse @ self.inverse()[0].T)
+        return (out + weights * expert).astype(np.float32)
+
+    def inverse(self) -> tuple[Matrix, Matrix]:
+        """(M^-1, b M^-1) of the text adapter x -> x M + b (M = W + I when residual); identity without one."""
+        if self._inverse is None:
+            dim = self.image_layers[-1].weight.shape[1]
+            if not self.text_layers:
+                self._inverse = (np.eye(dim, dtype=np.float32), np.zeros(dim, np.float32))
+            else:
+                layer = self.text_layers[0]
+                m = layer.weight.astype(np.float64) + (np.eye(dim) if self.text_residual else 0.0)
+                inv = np.linalg.inv(m)
+                self._inverse = (inv.astype(np.float32), (layer.bias.astype(np.float64) @ inv).astype(np.float32))
+        return self._inverse
+
+    def raw_texts(self, projected: Matrix) -> Matrix:
+        """The unit MiniLM embeddings whose `project_texts` are `projected`: t = lam a M^-1 - b M^-1 with the
+        lam > 0 that makes |t| = 1 (the adapter normalises its output, so its input is recovered up to that).
+        That lam is unique when |b M^-1| < 1 (the product of the two roots is then negative); the shipped
+        default has 0.30."""
+        inv, offset = self.inverse()
+        if not self.text_layers:
+            return projected
+        v = (projected @ inv).astype(np.float64)
+        vv, vc, cc = (v * v).sum(axis=1), v @ offset.astype(np.float64), float(offset @ offset)
+        lam = (vc + np.sqrt(np.maximum(vc * vc - vv * (cc - 1.0), 0.0))) / np.maximum(vv, 1e-12)
+        return l2_normalise((lam[:, None] * v - offset).astype(np.float32))
 
     def project_texts(self, embeddings: Matrix) -> Matrix:
         if not self.text_layers:
@@ -306,6 +387,9 @@ class LearnedHead:
             bias -= self.tag_anchor_penalty * (projected_tags @ self._anchors.T).max(axis=1)
         if self.tag_hub is not None:
             bias -= self.tag_hub.penalty(projected_tags)
+        if self.tag_mix is not None and self.tag_mix.raw_anchor_penalty != 0.0 and self.conse is not None:
+            raw = self.raw_texts(projected_tags)
+            bias -= self.tag_mix.raw_anchor_penalty * (raw @ self.conse.class_embeddings.T).max(axis=1)
         return bias.astype(np.float32, copy=False)
 
 
@@ -386,6 +470,22 @@ def _hub(arrays: dict[str, Matrix], spec: Any, text_dim: int, name: str) -> TagH
     return hub
 
 
+def _mix(spec: Any, text_layers: list[Layer], text_dim: int, name: str) -> TagMix | None:
+    if spec is None:
+        return None
+    try:
+        mix = TagMix(**{k: float(v) for k, v in dict(spec).items()})
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(f"{name}: tag_mix is malformed ({exc})") from None
+    if not (mix.temperature > 0.0 and min(mix.adapted, mix.raw, mix.learned_scale, mix.raw_anchor_penalty) >= 0.0):
+        raise InvalidArgument(f"{name}: tag_mix needs a temperature > 0 and weights >= 0")
+    linear = len(text_layers) == 1 and text_layers[0].activation == "none"
+    square = linear and text_layers[0].weight.shape == (text_dim, text_dim)
+    if (mix.raw or mix.raw_anchor_penalty) and text_layers and not square:
+        raise InvalidArgument(f"{name}: tag_mix's raw terms need no text adapter or one square linear layer")
+    return mix
+
+
 def read_head_manifest(path: Path) -> dict[str, Any]:
     """The JSON manifest stored in a head file under the key `manifest`."""
     with np.load(path, allow_pickle=False) as data:
@@ -451,7 +551,8 @@ def load_head(
     gate_max = _gate(arrays, manifest.get("tag_gate_max"), text_dim, feature_dim, path.name)
     if gate_max is not None and gate is None:
         raise InvalidArgument(f"{path.name}: tag_gate_max needs a tag_gate")
-    uses_conse = max(conse_weight, tag_weight or 0.0, tag_penalty) > 0 or gate is not None
+    mix = _mix(manifest.get("tag_mix"), text_layers, text_dim, path.name)
+    uses_conse = max(conse_weight, tag_weight or 0.0, tag_penalty) > 0 or gate is not None or mix is not None
     if uses_conse and conse is None:
         raise FailedPrecondition(f"{path.name} blends with ConSE but no ConSE head is available")
     metrics = {str(k): float(v) for k, v in manifest.get("metrics", {}).items() if isinstance(v, int | float)}
@@ -473,6 +574,7 @@ def load_head(
         tag_gate=gate,
         tag_hub=hub,
         tag_gate_max=gate_max,
+        tag_mix=mix,
         manifest=manifest,
         metrics=metrics,
     )

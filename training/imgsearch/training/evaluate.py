@@ -117,7 +117,9 @@ def describe(manifest: dict[str, Any]) -> str:
     if gate.get("signal") == "linear":
         knn = " or kNN in-domain gate" if manifest.get("tag_gate_max") else ""
         hub = ", hubness-corrected" if manifest.get("tag_hub") else ""
-        parts.append(f"tags: ConSE weight by a photo-kind gate{knn}{hub}")
+        mix = manifest.get("tag_mix")
+        raw = f", ConSE at T {float(mix['temperature']):g} also in MiniLM space" if mix else ""
+        parts.append(f"tags: ConSE weight by a photo-kind gate{knn}{hub}{raw}")
     elif manifest.get("tag_conse_weight") is not None:
         # The tag columns use the tag setting (imgsearch.training.tagging), not the search blend.
         tag_w, tag_p = float(manifest["tag_conse_weight"]), float(manifest.get("tag_anchor_penalty", 0.0))
