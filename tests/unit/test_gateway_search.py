@@ -129,10 +129,11 @@ async def test_several_queries_in_one_call_each_succeed_or_fail_alone(cluster: C
 async def test_a_hung_shard_is_cut_off_within_its_share_of_the_deadline(cluster: Cluster) -> None:
     cluster.shards[1].search_delay = 30.0
     start = time.monotonic()
-    result = await cluster.gw.search_by_text("a quiet lake", 5, 1.0)
+    # A 2 s deadline: the shard's share is 1.6 s, which leaves a loaded test machine 0.4 s for the rest.
+    result = await cluster.gw.search_by_text("a quiet lake", 5, 2.0)
     elapsed = time.monotonic() - start
     assert result.partial and result.failed_shards == ["index-1"]
-    assert elapsed < 1.0, f"the answer came after {elapsed:.2f}s, past the caller's deadline"
+    assert elapsed < 2.0, f"the answer came after {elapsed:.2f}s, past the caller's deadline"
     others = {r.id for s in cluster.shards if s.name != "index-1" for r in s.records.values()}
     assert ids(result) == [i for i, _ in cluster.expected("a quiet lake", lambda r: r.id in others)[:5]]
 
