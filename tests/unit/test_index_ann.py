@@ -295,3 +295,22 @@ def test_bad_filters_are_invalid_argument(tmp_path: Path, rng: np.random.Generat
                 idx.search(Space.SEMANTIC, q, 5, where=bad)
     finally:
         idx.close(final_snapshot=False)
+
+
+def test_a_build_after_the_last_write_is_snapshotted_so_a_restart_does_not_rebuild(
+    tmp_path: Path, rng: np.random.Generator
+) -> None:
+    # A bulk load snapshots its records, then the background build finishes with no write after it: the
+    # snapshot on stop must still capture the new bases, or the restart serves exact search while rebuilding.
+    idx = ShardIndex(settings(tmp_path / "s"))
+    fill(idx, rng, 3000)
+    assert idx.snapshot() is True
+    assert idx.stats().served_index_types == {"visual": "Flat", f"semantic:{HEAD}": "Flat"}
+    idx.build_indexes()
+    idx.close()
+    idx = ShardIndex(settings(tmp_path / "s"))
+    try:
+        assert (idx.load_report.mode, idx.load_report.replayed_changes) == ("snapshot", 0)
+        assert idx.stats().served_index_types == {"visual": "IVFPQ", f"semantic:{HEAD}": "HNSW"}
+    finally:
+        idx.close(final_snapshot=False)
