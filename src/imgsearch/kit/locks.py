@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 
 class WouldBlock(Exception):
-    """A call asked not to wait (try_read, or a caller's own cheap path) would have had to."""
+    """A call asked not to wait (read(wait=False), or a caller's own cheap path) would have had to."""
 
 
 class RWLock:
@@ -21,28 +21,16 @@ class RWLock:
         self._writers_waiting = 0
 
     @contextlib.contextmanager
-    def read(self) -> Iterator[None]:
-        with self._cond:
-            while self._writer or self._writers_waiting:
-                self._cond.wait()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if self._readers == 0:
-                    self._cond.notify_all()
+    def read(self, wait: bool = True) -> Iterator[None]:
+        """A read lock; with wait=False it never waits: WouldBlock when a writer holds the lock or waits for it.
 
-    @contextlib.contextmanager
-    def try_read(self) -> Iterator[None]:
-        """A read lock at once, or WouldBlock when a writer holds the lock or waits for it (never waits).
-
-        For callers on an event loop: they run cheap reads inline and hand the rest to a thread.
+        wait=False is for callers on an event loop: they run cheap reads inline and hand the rest to a thread.
         """
         with self._cond:
-            if self._writer or self._writers_waiting:
-                raise WouldBlock
+            while self._writer or self._writers_waiting:
+                if not wait:
+                    raise WouldBlock
+                self._cond.wait()
             self._readers += 1
         try:
             yield

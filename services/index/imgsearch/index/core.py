@@ -41,7 +41,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
 
 from imgsearch.index import metrics, recovery
 from imgsearch.index.ann import SegmentedSpace
@@ -353,7 +352,7 @@ class ShardIndex:
         allowed = None
         if where is not None:
             allowed = self._store.filter_labels(where.terms, where.created_after_ms, where.created_before_ms)
-        with self._read(wait):
+        with self._lock.read(wait):
             index, head = self._pick(space, semantic_head)
             if index is None or index.ntotal == 0:
                 return SearchResult(hits=[], searched=0, space=space, head=head)
@@ -382,7 +381,7 @@ class ShardIndex:
         """Search with a growing depth until k hits pass the cursor, min_score and exclusions (or none are left)."""
         want = k
         while True:
-            with self._read(wait):
+            with self._lock.read(wait):
                 slots = self._memory.slots
                 ids = self._memory.ids
                 excluded = {ids[i] for i in exclude_ids if i in ids}
@@ -442,9 +441,6 @@ class ShardIndex:
             return self.search(space, query, k, exclude_ids, semantic_head, None, min_score, None, wait=False)
         except WouldBlock:
             return None
-
-    def _read(self, wait: bool) -> AbstractContextManager[None]:
-        return self._lock.read() if wait else self._lock.try_read()
 
     def _rescored(self, named: list[tuple[int, float, str]], q: Vector) -> list[tuple[int, float, str]]:
         """Approximate (PQ) candidates re-scored exactly from their stored float16 vectors: one SQLite read and
