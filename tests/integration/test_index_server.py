@@ -217,6 +217,51 @@ def test_upsert_search_get_delete_stats(stub: index_pb2_grpc.IndexServiceStub) -
     assert stats.wal_entries >= 61
 
 
+def test_search_batch_answers_each_search_as_search_alone_and_a_bad_one_fails_alone(
+    stub: index_pb2_grpc.IndexServiceStub,
+) -> None:
+    rng = np.random.default_rng(11)
+    records = [make_record(rng, f"sb{i}") for i in range(40)]
+    for i, r in enumerate(records):
+        r.metadata["album"] = "even" if i % 2 == 0 else "odd"
+    upsert_all(stub, records)
+    searches = []
+    for i in range(6):
+        space, dim = ((common_pb2.SPACE_VISUAL, VD), (common_pb2.SPACE_SEMANTIC, SD))[i % 2]
+        req = index_pb2.SearchRequest(space=space, query=vector(rng.normal(size=dim)), k=5, semantic_head=HEAD)
+        if i == 2:
+            req.filter.terms.add(key="album", values=["even"])
+        if i == 3:
+            req.min_score = 0.0
+            req.exclude_ids.append("sb0")
+        searches.append(req)
+    first = stub.Search(searches[4], timeout=10)
+    searches[4].after.CopyFrom(index_pb2.SearchCursor(score=first.hits[-1].score, id=first.hits[-1].id))
+    bad = index_pb2.SearchRequest(space=common_pb2.SPACE_VISUAL, query=vector(rng.normal(size=7)), k=5)
+    batch = [*searches[:3], bad, *searches[3:]]
+
+    got = stub.SearchBatch(index_pb2.SearchBatchRequest(searches=batch), timeout=30)
+
+    assert got.shard == SHARD
+    assert len(got.results) == len(batch)
+    assert got.results[3].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "7" in got.results[3].error.message and "1280" in got.results[3].error.message
+    alone = [stub.Search(r, timeout=10) for r in searches]
+    answered = [r for i, r in enumerate(got.results) if i != 3]
+    assert all(not r.HasField("error") for r in answered)
+    for one, item in zip(alone, answered, strict=True):
+        assert [(h.id, h.score) for h in item.response.hits] == [(h.id, h.score) for h in one.hits]
+        assert item.response.searched == one.searched
+    assert {h.metadata["album"] for h in answered[2].response.hits} == {"even"}
+    assert len(answered[2].response.hits) == 5
+    assert not {h.id for h in answered[4].response.hits} & {h.id for h in first.hits}
+
+    too_many = index_pb2.SearchBatchRequest(searches=[searches[1]] * 1001)
+    code, message = _status(lambda: stub.SearchBatch(too_many, timeout=30))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "1001 searches" in message and "1000" in message
+
+
 def _status(call: object) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as info:
         call()  # type: ignore[operator]

@@ -11,6 +11,18 @@ PARTIAL_RESULTS = Counter(
     "imgsearch_gateway_partial_results_total", "Responses answered without every shard.", ("method",)
 )
 SHARD_ERRORS = Counter("imgsearch_gateway_shard_errors_total", "Failed calls to index shards.", ("shard", "code"))
+SHARD_BATCH_SIZE = Histogram(
+    "imgsearch_gateway_shard_batch_size",
+    "Calls coalesced into one call to a shard (1: the shard was idle, sent at once).",
+    ("shard", "method"),
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+)
+ENCODER_BATCH_SIZE = Histogram(
+    "imgsearch_gateway_encoder_batch_size",
+    "Calls coalesced into one call to the encoder (1: it was idle, sent at once).",
+    ("method",),
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+)
 IMAGES_ADDED = Counter("imgsearch_gateway_images_added_total", "Streamed images by outcome.", ("result",))
 
 HEAD_EPOCH = Gauge("imgsearch_gateway_head_epoch", "Epoch of the head configuration this gateway follows.")

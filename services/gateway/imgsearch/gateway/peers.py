@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
+import grpc
 from grpc import aio
+from prometheus_client import Histogram
 
 from imgsearch.api.common.v1 import common_pb2
 from imgsearch.api.index.v1 import index_pb2, index_pb2_grpc
 from imgsearch.api.tagger.v1 import tagger_pb2, tagger_pb2_grpc
+from imgsearch.gateway import metrics
 from imgsearch.gateway.heads import HeadConfig, HeadShard, ShardHeads, StoredSignals
 from imgsearch.gateway.search import Cursor
-from imgsearch.kit.convert import Matrix, from_vector, has_values, packed
+from imgsearch.kit.coalesce import Coalescer, Send
+from imgsearch.kit.convert import Matrix, error_code, from_vector, has_values, packed
 from imgsearch.kit.encoder_client import EncodedImage
 from imgsearch.kit.errors import ImgsearchError
+from imgsearch.kit.peers import PeerError
 from imgsearch.models.manifest import ModelInfo
 
 
@@ -212,14 +218,73 @@ def _semantics(r: index_pb2.Record) -> dict[str, Matrix]:
     return out
 
 
-class ShardClient:
-    """One index shard."""
+T = TypeVar("T")
+R = TypeVar("R")
 
-    def __init__(self, name: str, address: str, channel: aio.Channel) -> None:
+
+@dataclass(frozen=True)
+class Coalescing:
+    """How a ShardClient batches concurrent calls (see kit.coalesce); max_batch 1 turns it off."""
+
+    max_batch: int = 64
+    max_inflight: int = 2
+
+    def make(self, send: Send[T, R], peer: str, batch_sizes: Histogram) -> Coalescer[T, R]:
+        return Coalescer(
+            send, peer=peer, max_batch=self.max_batch, max_inflight=self.max_inflight, observe=batch_sizes.observe
+        )
+
+
+def _search_request(
+    space: int, query: Matrix, k: int, exclude: Sequence[str], head: str, options: ShardQuery | None
+) -> index_pb2.SearchRequest:
+    req = index_pb2.SearchRequest(
+        space=space,  # type: ignore[arg-type]
+        query=packed(query),
+        k=k,
+        exclude_ids=list(exclude),
+        semantic_head=head,
+    )
+    if options is not None:
+        if options.filter or options.created_after_ms or options.created_before_ms:
+            req.filter.CopyFrom(
+                index_pb2.MetadataFilter(
+                    terms=[index_pb2.FilterTerm(key=key, values=list(v)) for key, v in options.filter],
+                    created_after_unix_ms=options.created_after_ms,
+                    created_before_unix_ms=options.created_before_ms,
+                )
+            )
+        if options.min_score is not None:
+            req.min_score = options.min_score
+        if options.after is not None:
+            req.after.CopyFrom(index_pb2.SearchCursor(score=options.after.score, id=options.after.id))
+    return req
+
+
+class ShardClient:
+    """One index shard.
+
+    Concurrent searches, and single-id Gets (search by id), are coalesced into batched calls while the shard is
+    busy (kit.coalesce): under load the shard and this process pay one call's overhead per batch, not per query.
+    """
+
+    def __init__(
+        self, name: str, address: str, channel: aio.Channel, coalescing: Coalescing | None = Coalescing()
+    ) -> None:
         self.name = name
         self.address = address
         self.channel = channel
         self.stub = index_pb2_grpc.IndexServiceStub(channel)
+        self.peer = f"index shard {name}"
+        # Cleared when the shard answers UNIMPLEMENTED (an older shard during a rolling upgrade).
+        self.batch_supported = True
+        self._searches: Coalescer[index_pb2.SearchRequest, index_pb2.SearchResponse] | None = None
+        self._gets: Coalescer[str, index_pb2.Record | None] | None = None
+        if coalescing is not None and coalescing.max_batch > 1:
+            self._searches = coalescing.make(
+                self._send_searches, self.peer, metrics.SHARD_BATCH_SIZE.labels(name, "Search")
+            )
+            self._gets = coalescing.make(self._send_gets, self.peer, metrics.SHARD_BATCH_SIZE.labels(name, "Get"))
 
     async def search(
         self,
@@ -231,28 +296,45 @@ class ShardClient:
         timeout: float,
         options: ShardQuery | None = None,
     ) -> list[Hit]:
-        req = index_pb2.SearchRequest(
-            space=space,  # type: ignore[arg-type]
-            query=packed(query),
-            k=k,
-            exclude_ids=list(exclude),
-            semantic_head=head,
-        )
-        if options is not None:
-            if options.filter or options.created_after_ms or options.created_before_ms:
-                req.filter.CopyFrom(
-                    index_pb2.MetadataFilter(
-                        terms=[index_pb2.FilterTerm(key=key, values=list(v)) for key, v in options.filter],
-                        created_after_unix_ms=options.created_after_ms,
-                        created_before_unix_ms=options.created_before_ms,
-                    )
-                )
-            if options.min_score is not None:
-                req.min_score = options.min_score
-            if options.after is not None:
-                req.after.CopyFrom(index_pb2.SearchCursor(score=options.after.score, id=options.after.id))
-        r = await self.stub.Search(req, timeout=timeout)
+        req = _search_request(space, query, k, exclude, head, options)
+        if self._searches is None:
+            r = await self.stub.Search(req, timeout=timeout)
+        else:
+            r = await self._searches.call(req, timeout)
         return [Hit(h.id, h.score, dict(h.metadata), h.source_name, h.shard or self.name) for h in r.hits]
+
+    async def _send_searches(
+        self, reqs: list[index_pb2.SearchRequest], timeout: float
+    ) -> list[index_pb2.SearchResponse | ImgsearchError]:
+        if len(reqs) > 1 and self.batch_supported:
+            try:
+                resp = await self.stub.SearchBatch(index_pb2.SearchBatchRequest(searches=reqs), timeout=timeout)
+            except PeerError as exc:
+                if exc.code != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                self.batch_supported = False
+            else:
+                return [
+                    PeerError(error_code(r.error), f"{self.peer}: {r.error.message}")
+                    if r.HasField("error")
+                    else r.response
+                    for r in resp.results
+                ]
+
+        async def one(req: index_pb2.SearchRequest) -> index_pb2.SearchResponse | ImgsearchError:
+            try:
+                return await self.stub.Search(req, timeout=timeout)
+            except ImgsearchError as exc:
+                return exc
+
+        return list(await asyncio.gather(*(one(r) for r in reqs)))
+
+    async def _send_gets(self, ids: list[str], timeout: float) -> list[index_pb2.Record | None]:
+        """One Get (with vectors) for the single-id Gets of concurrent callers; None for an id not stored."""
+        unique = list(dict.fromkeys(ids))
+        resp = await self.stub.Get(index_pb2.GetRequest(ids=unique, include_vectors=True), timeout=timeout)
+        found = {r.id: r for r in resp.records}
+        return [found.get(i) for i in ids]
 
     async def upsert(self, records: Sequence[NewRecord], timeout: float) -> list[index_pb2.WriteResult]:
         req = index_pb2.UpsertRequest(
@@ -283,10 +365,17 @@ class ShardClient:
     async def get(
         self, ids: Sequence[str], include_vectors: bool, timeout: float, include_thumbnails: bool = False
     ) -> tuple[list[StoredRecord], list[str]]:
-        resp = await self.stub.Get(
-            index_pb2.GetRequest(ids=list(ids), include_vectors=include_vectors, include_thumbnails=include_thumbnails),
-            timeout=timeout,
-        )
+        if self._gets is not None and len(ids) == 1 and include_vectors and not include_thumbnails:
+            record = await self._gets.call(ids[0], timeout)
+            found, missing = ([record], []) if record is not None else ([], list(ids))
+        else:
+            resp = await self.stub.Get(
+                index_pb2.GetRequest(
+                    ids=list(ids), include_vectors=include_vectors, include_thumbnails=include_thumbnails
+                ),
+                timeout=timeout,
+            )
+            found, missing = list(resp.records), list(resp.missing_ids)
         records = [
             StoredRecord(
                 id=r.id,
@@ -298,9 +387,9 @@ class ShardClient:
                 semantics=_semantics(r) if include_vectors else {},
                 thumbnail=r.thumbnail,
             )
-            for r in resp.records
+            for r in found
         ]
-        return records, list(resp.missing_ids)
+        return records, missing
 
     async def count(self, timeout: float) -> int:
         """Images stored on this shard."""
@@ -352,3 +441,33 @@ def shard_for(image_id: str, shards: Sequence[S]) -> S:
         return hashlib.sha256(f"{shard.name}\x00{image_id}".encode()).digest()
 
     return max(shards, key=weight)
+
+
+class CoalescingEncoder:
+    """The encoder with single-text embeddings (a SearchByText each) coalesced into one EncodeTexts while the
+    encoder is busy (kit.coalesce); everything else goes straight through."""
+
+    def __init__(self, encoder: Encoder, coalescing: Coalescing) -> None:
+        self.encoder = encoder
+        self._texts: Coalescer[str, Matrix] | None = None
+        if coalescing.max_batch > 1:
+            self._texts = coalescing.make(
+                encoder.encode_texts, "the encoder", metrics.ENCODER_BATCH_SIZE.labels("EncodeTexts")
+            )
+
+    async def model_info(self, timeout: float) -> ModelInfo:
+        return await self.encoder.model_info(timeout)
+
+    async def encode_texts(self, texts: Sequence[str], timeout: float) -> list[Matrix | ImgsearchError]:
+        if self._texts is None or len(texts) != 1:
+            return await self.encoder.encode_texts(texts, timeout)
+        try:
+            return [await self._texts.call(texts[0], timeout)]
+        except ImgsearchError as exc:
+            # One text's own error is its item error, as the encoder would have answered it alone.
+            return [exc]
+
+    async def encode_images(
+        self, images: Sequence[tuple[bytes, str]], include_logits: bool, timeout: float
+    ) -> list[EncodedImage]:
+        return await self.encoder.encode_images(images, include_logits, timeout)

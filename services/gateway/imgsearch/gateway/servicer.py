@@ -11,7 +11,7 @@ from imgsearch.api.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from imgsearch.gateway import convert, metrics
 from imgsearch.gateway.core import Gateway
 from imgsearch.gateway.http import HttpServer
-from imgsearch.gateway.peers import ShardClient, TaggerClient
+from imgsearch.gateway.peers import Coalescing, CoalescingEncoder, ShardClient, TaggerClient
 from imgsearch.gateway.settings import GatewaySettings
 from imgsearch.kit.auth import BearerTokenInterceptor, TokenFileError, auth_interceptor
 from imgsearch.kit.encoder_client import EncoderClient
@@ -182,13 +182,19 @@ def build_app() -> tuple[ServiceApp, GatewaySettings]:
         if writer_address == settings.tagger_address
         else peer_channel(writer_address, settings, peer="the tagger's vocabulary writer")
     )
+    coalescing = Coalescing(settings.coalesce_max_batch, settings.coalesce_inflight)
     shards = [
-        ShardClient(name, address, peer_channel(address, settings, peer=f"index shard {name}"))
+        ShardClient(
+            name,
+            address,
+            peer_channel(address, settings, peer=f"index shard {name}"),
+            coalescing,
+        )
         for name, address in settings.shards
     ]
     gateway = Gateway(
         settings,
-        EncoderClient(enc_channel, settings.encoder_address),
+        CoalescingEncoder(EncoderClient(enc_channel, settings.encoder_address), coalescing),
         TaggerClient(tag_channel, writer_channel),
         shards,
     )

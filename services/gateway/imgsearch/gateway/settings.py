@@ -56,6 +56,13 @@ class GatewaySettings(ServerSettings):
     shard_search_timeout_seconds: float = Field(
         2.0, gt=0, description="longest a shard's search may take; past it the answer is partial without it"
     )
+    # Concurrent calls of one kind to one peer (shard searches, single-id Gets, query-text embeddings) go out as
+    # one batched call while the peer is busy (kit.coalesce; docs/benchmarks.md): one call's overhead per batch
+    # instead of per query, and no waiting window, so a lone caller waits for nothing.
+    coalesce_max_batch: int = Field(
+        64, ge=1, le=256, description="most calls coalesced into one call to a shard or the encoder (1: off)"
+    )
+    coalesce_inflight: int = Field(2, ge=1, le=64, description="calls in flight to one peer before calls queue")
     max_tag_k: int = Field(200_000, ge=1, description="most tags one TagImage may return (up to the vocabulary)")
     max_metadata_entries: int = Field(64, ge=0, description="most metadata entries per image (as the shards)")
     max_metadata_bytes: int = Field(16 * 1024, ge=0, description="most UTF-8 bytes of metadata keys plus values")

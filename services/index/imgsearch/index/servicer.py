@@ -10,9 +10,11 @@ from grpc import aio
 from imgsearch.api.index.v1 import index_pb2, index_pb2_grpc
 from imgsearch.index import convert
 from imgsearch.index.core import ShardIndex
-from imgsearch.kit.errors import Unavailable
+from imgsearch.kit.convert import item_error
+from imgsearch.kit.errors import ImgsearchError, ResourceExhausted, Unavailable
 
 Context = aio.ServicerContext[Any, Any]
+SearchArgs = tuple[Any, ...]
 
 # Get requests of at most this many ids run on the event loop.
 INLINE_GET_IDS = 64
@@ -43,21 +45,39 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
 
     async def Search(self, request: index_pb2.SearchRequest, context: Context) -> index_pb2.SearchResponse:
         core = self._core()
-        args = (
-            convert.space(request.space),
-            convert.query(request),
-            request.k,
-            list(request.exclude_ids),
-            request.semantic_head,
-            convert.search_filter(request),
-            convert.min_score(request),
-            convert.cursor(request),
-        )
+        args = _search_args(request)
         # Right here when it is microseconds (a thread hop would cost more); otherwise on a worker thread.
         result = core.search_now(*args)
         if result is None:
             result = await asyncio.to_thread(core.search, *args)
         return convert.search_response(result, core.shard)
+
+    async def SearchBatch(
+        self, request: index_pb2.SearchBatchRequest, context: Context
+    ) -> index_pb2.SearchBatchResponse:
+        core = self._core()
+        if len(request.searches) > core.settings.max_batch:
+            raise ResourceExhausted(
+                f"{len(request.searches)} searches in one SearchBatch, at most {core.settings.max_batch} allowed"
+            )
+        results: list[index_pb2.SearchBatchResult | None] = [None] * len(request.searches)
+        later: list[tuple[int, SearchArgs]] = []
+        for i, search in enumerate(request.searches):
+            try:
+                args = _search_args(search)
+                found = core.search_now(*args)
+            except ImgsearchError as exc:
+                results[i] = index_pb2.SearchBatchResult(error=item_error(exc))
+                continue
+            if found is None:
+                later.append((i, args))
+            else:
+                results[i] = index_pb2.SearchBatchResult(response=convert.search_response(found, core.shard))
+        if later:
+            # The searches that cannot run on the event loop share one worker-thread hop.
+            for i, result in await asyncio.to_thread(_search_all, core, later):
+                results[i] = result
+        return index_pb2.SearchBatchResponse(results=[r for r in results if r is not None], shard=core.shard)
 
     async def Get(self, request: index_pb2.GetRequest, context: Context) -> index_pb2.GetResponse:
         core = self._core()
@@ -106,3 +126,31 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
         core = self._core()
         state = await asyncio.to_thread(core.set_head_config, convert.head_config(request.config))
         return convert.set_head_config_response(state)
+
+
+def _search_args(request: index_pb2.SearchRequest) -> SearchArgs:
+    """ShardIndex.search's arguments from one request (INVALID_ARGUMENT for a malformed one)."""
+    return (
+        convert.space(request.space),
+        convert.query(request),
+        request.k,
+        list(request.exclude_ids),
+        request.semantic_head,
+        convert.search_filter(request),
+        convert.min_score(request),
+        convert.cursor(request),
+    )
+
+
+def _search_all(
+    core: ShardIndex, searches: list[tuple[int, SearchArgs]]
+) -> list[tuple[int, index_pb2.SearchBatchResult]]:
+    """Run searches one after another on this (worker) thread; each failure stays with its search."""
+    out = []
+    for i, args in searches:
+        try:
+            result = index_pb2.SearchBatchResult(response=convert.search_response(core.search(*args), core.shard))
+        except ImgsearchError as exc:
+            result = index_pb2.SearchBatchResult(error=item_error(exc))
+        out.append((i, result))
+    return out
