@@ -410,7 +410,7 @@ class ShardIndex:
                 break
             want *= 4
         ranked = passing[:k]
-        found = self._store.fetch([label for label, _, _ in ranked])
+        found = self._store.hit_records([label for label, _, _ in ranked])
         return [
             Hit(id=rec.id, score=score, metadata=rec.metadata, source_name=rec.source_name)
             for label, score, _ in ranked

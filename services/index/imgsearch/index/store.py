@@ -41,7 +41,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -180,6 +180,15 @@ class StoredRecord:
     # Every head the record has a vector of, sorted; their vectors when read with the vectors.
     heads: tuple[str, ...] = ()
     semantics: dict[str, Vec] = field(default_factory=dict)
+
+
+class HitRecord(NamedTuple):
+    """The stored fields a search hit carries, and the creation time its filter checks."""
+
+    id: str
+    metadata: dict[str, str]
+    source_name: str
+    created_ms: int
 
 
 @dataclass
@@ -730,6 +739,20 @@ class Store:
         """
         found = self._fetch("label", list(dict.fromkeys(labels)), include_vectors, prefer)
         return {rec.label: rec for rec in found}
+
+    def hit_records(self, labels: Sequence[int]) -> dict[int, HitRecord]:
+        """What a search hit shows of these labels that still exist: one statement per chunk, no vectors or heads.
+
+        Search answers need only these columns; fetch() also reads every record's heads in a transaction, which
+        cost more than the search itself on a small shard (docs/benchmarks.md).
+        """
+        out: dict[int, HitRecord] = {}
+        conn = self._reader()
+        for part in _chunks(list(dict.fromkeys(labels))):
+            sql = f"SELECT {_RECORD_COLUMNS} FROM records r WHERE r.label IN ({_marks(len(part))})"
+            for label, image_id, metadata, source_name, created_ms in conn.execute(sql, tuple(part)):
+                out[label] = HitRecord(image_id, json.loads(metadata), source_name, created_ms)
+        return out
 
     def fetch_ids(
         self, ids: Sequence[str], include_vectors: bool = False, prefer: Sequence[str] = ()
