@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -111,6 +112,21 @@ def test_ann_kinds_reach_recall_against_exact_flat(tmp_path: Path, rng: np.rando
         assert idx.search(Space.SEMANTIC, -sem[6], 1).hits[0].id == "r6"
         assert "r6" not in {h.id for h in idx.search(Space.SEMANTIC, sem[6], 3).hits}
         assert idx.stats().count == 3000
+    finally:
+        idx.close(final_snapshot=False)
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="per-thread priorities are a Linux feature")
+def test_the_builder_thread_runs_nicer_than_the_shard(tmp_path: Path) -> None:
+    idx = ShardIndex(settings(tmp_path / "s", background_build=True, build_nice=7))
+    try:
+        deadline = time.monotonic() + 10
+        while idx._builder.native_id is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        builder = idx._builder.native_id
+        assert builder is not None
+        own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        assert os.getpriority(os.PRIO_PROCESS, builder) == min(19, own + 7)
     finally:
         idx.close(final_snapshot=False)
 

@@ -10,6 +10,7 @@ The old base serves until that moment. Nothing here is durable: SQLite is, and t
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -27,8 +28,11 @@ log = logging.getLogger(__name__)
 
 
 class Builder:
-    def __init__(self, memory: Memory, store: Store, lock: RWLock, shard: str) -> None:
+    def __init__(self, memory: Memory, store: Store, lock: RWLock, shard: str, nice: int = 0) -> None:
         self._memory = memory
+        self._nice = nice
+        # The builder thread's kernel thread id, once it runs (its CPU priority is per thread on Linux).
+        self.native_id: int | None = None
         self._store = store
         self._lock = lock
         self._shard = shard
@@ -51,6 +55,8 @@ class Builder:
             self._thread.join()
 
     def _loop(self) -> None:
+        self.native_id = threading.get_native_id()
+        lower_priority(self._nice, self._shard)
         while not self._stop.is_set():
             try:
                 self.run_once()
@@ -170,3 +176,19 @@ class Builder:
             labels = np.concatenate([base_labels, tail_labels])
             vecs = np.concatenate([np.asarray(base_vecs, dtype=np.float32), tail_vecs])
         return build_base(space.kind, space.dim, vecs, labels, space.params, None)
+
+
+def lower_priority(increment: int, shard: str) -> None:
+    """Make the calling thread `increment` nicer than it is (Linux priorities are per thread).
+
+    A build is hundreds of CPU seconds (a 500k HNSW: ~9 minutes) that nothing waits for, while the same process
+    answers searches and acknowledges writes: at a lower priority it takes the CPU they leave idle instead of
+    sharing it with them (docs/benchmarks.md). Relative, so a shard that already runs niced stays below it.
+    """
+    if increment <= 0 or not hasattr(os, "setpriority"):
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))
+    except OSError as exc:
+        log.warning("could not lower the builder's priority", extra={"shard": shard, "error": str(exc)})

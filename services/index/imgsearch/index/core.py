@@ -141,7 +141,7 @@ class ShardIndex:
         self._snapshots = Snapshots(
             self._memory, self._store, self.directory, self._lock, self._write_mutex, self.shard, self._publish_locked
         )
-        self._builder = Builder(self._memory, self._store, self._lock, self.shard)
+        self._builder = Builder(self._memory, self._store, self._lock, self.shard, settings.build_nice)
         self._publish()
         metrics.SNAPSHOT_AGE.labels(self.shard).set_function(self.snapshot_age_seconds)
         # Zero-valued series from the start, so dashboards and rate() see them before traffic.

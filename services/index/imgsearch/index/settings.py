@@ -49,6 +49,9 @@ class IndexSettings(ServerSettings):
     )
     background_build: bool = Field(True, description="build approximate indexes on a background thread when due")
     build_threads: int = Field(1, ge=0, description="OpenMP threads of the background index builder (0: all)")
+    build_nice: int = Field(
+        10, ge=0, le=19, description="how much nicer the builder thread runs than the shard (0: same priority)"
+    )
     use_gpu: bool = Field(True, description="search on GPU when faiss was built with GPU support and sees one")
     # Concurrent RPCs already run searches in parallel (FAISS releases the GIL); OpenMP teams inside each of
     # them oversubscribe the cores, which measured ~10x slower on a busy 2-core host (see benchmarks).
