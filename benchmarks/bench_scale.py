@@ -358,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     ps = sub.add_parser("scale", help="real shard servers filled through Upsert")
     ps.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 300_000])
     ps.add_argument("--batch", type=int, default=500)
+    ps.add_argument("--writers", type=int, default=1, help="concurrent Upsert calls per shard")
     ps.add_argument("--calls", type=int, default=400, help="search calls per concurrency level")
     ps.add_argument("--no-gateway", action="store_true", help="skip the calls through the gateway")
     ps.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
@@ -367,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     pf = sub.add_parser("fill", help="bulk Upsert rate of 2 shard servers only (A/B against another code tree)")
     pf.add_argument("--n", type=int, default=60_000, help="records in all (half per shard)")
     pf.add_argument("--batch", type=int, default=500)
+    pf.add_argument("--writers", type=int, default=1, help="concurrent Upsert calls per shard")
     pf.add_argument("--rounds", type=int, default=1, help="fills per variant, variants alternating")
     pf.add_argument(
         "--variants",
@@ -556,18 +558,23 @@ def fill(args: argparse.Namespace) -> None:
                     def write(si: int, stubs: list[Any] = stubs, building: list[float] = building) -> float:
                         rows = np.arange(si, args.n, 2)
                         t0 = time.perf_counter()
-                        reqs = upsert_requests(rows, vis, sem, "h@1", args.batch)
-                        if not args.no_prefetch:
-                            reqs = prefetched(reqs)
-                        while True:
-                            t1 = time.perf_counter()
-                            req = next(reqs, None)
-                            building[si] += time.perf_counter() - t1
-                            if req is None:
-                                break
-                            out = stubs[si].Upsert(req, timeout=600)
-                            if any(r.HasField("error") for r in out.results):
-                                raise RuntimeError(f"upsert failed: {out.results[0]}")
+
+                        def part(writer: int) -> None:
+                            reqs = upsert_requests(rows[writer :: args.writers], vis, sem, "h@1", args.batch)
+                            if not args.no_prefetch:
+                                reqs = prefetched(reqs)
+                            while True:
+                                t1 = time.perf_counter()
+                                req = next(reqs, None)
+                                building[si] += time.perf_counter() - t1
+                                if req is None:
+                                    break
+                                out = stubs[si].Upsert(req, timeout=600)
+                                if any(r.HasField("error") for r in out.results):
+                                    raise RuntimeError(f"upsert failed: {out.results[0]}")
+
+                        with ThreadPoolExecutor(args.writers) as writers:
+                            list(writers.map(part, range(args.writers)))
                         return rows.shape[0] / (time.perf_counter() - t0)
 
                     hz = os.sysconf("SC_CLK_TCK")
@@ -698,11 +705,17 @@ def scale(args: argparse.Namespace) -> None:
                 def write(si: int, n: int = n, vis: np.ndarray = vis, sem: np.ndarray = sem, head: str = head) -> float:
                     rows = np.arange(si, n, 2)
                     t0 = time.perf_counter()
-                    for req in prefetched(upsert_requests(rows, vis, sem, head, args.batch)):
-                        out = stubs[si].Upsert(req, timeout=600)  # noqa: B023 - called before stubs changes
-                        bad = [r for r in out.results if r.HasField("error")]
-                        if bad:
-                            raise RuntimeError(f"upsert failed: {bad[0]}")
+
+                    def part(writer: int) -> None:
+                        mine = rows[writer :: args.writers]
+                        for req in prefetched(upsert_requests(mine, vis, sem, head, args.batch)):
+                            out = stubs[si].Upsert(req, timeout=600)  # noqa: B023 - called before stubs changes
+                            bad = [r for r in out.results if r.HasField("error")]
+                            if bad:
+                                raise RuntimeError(f"upsert failed: {bad[0]}")
+
+                    with ThreadPoolExecutor(args.writers) as writers:
+                        list(writers.map(part, range(args.writers)))
                     return rows.shape[0] / (time.perf_counter() - t0)
 
                 t0 = time.perf_counter()

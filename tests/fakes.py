@@ -58,13 +58,24 @@ def text_embedding(text: str) -> Matrix:
     return (v / np.linalg.norm(v)).astype(np.float32)
 
 
-class FakeEncoder:
-    """Deterministic encoder: features/logits seeded by the image bytes; chosen items fail with InvalidArgument."""
+def fake_thumbnail(data: bytes, px: int) -> bytes:
+    """The fake encoder's thumbnail of an image: marker bytes naming the size and the image."""
+    return b"thumbnail %d of " % px + hashlib.sha256(data).hexdigest().encode()
 
-    def __init__(self, info: ModelInfo, corrupt: Iterable[bytes] = ()) -> None:
+
+class FakeEncoder:
+    """Deterministic encoder: features/logits seeded by the image bytes; chosen items fail with InvalidArgument.
+
+    Thumbnails, when asked for, are fake_thumbnail's markers; thumbnails=False plays an encoder that predates them.
+    """
+
+    def __init__(self, info: ModelInfo, corrupt: Iterable[bytes] = (), thumbnails: bool = True) -> None:
         self.info = info
         self.corrupt = set(corrupt)
+        self.thumbnails = thumbnails
         self.image_calls: list[list[bytes]] = []
+        # The thumbnail_px of each encode_images call, in call order.
+        self.thumbnail_requests: list[int] = []
         self.text_calls: list[list[str]] = []
 
     @property
@@ -79,15 +90,18 @@ class FakeEncoder:
         return [text_embedding(t) for t in texts]
 
     async def encode_images(
-        self, images: Sequence[tuple[bytes, str]], include_logits: bool, timeout: float
+        self, images: Sequence[tuple[bytes, str]], include_logits: bool, timeout: float, thumbnail_px: int = 0
     ) -> list[EncodedImage]:
         self.image_calls.append([data for data, _ in images])
+        self.thumbnail_requests.append(thumbnail_px)
         out = []
         for data, name in images:
             if data in self.corrupt:
                 out.append(EncodedImage(error=InvalidArgument(f"{name}: cannot decode the image")))
             else:
-                out.append(EncodedImage(image_features(data), image_logits(data) if include_logits else None))
+                thumbnail = fake_thumbnail(data, thumbnail_px) if thumbnail_px and self.thumbnails else b""
+                logits = image_logits(data) if include_logits else None
+                out.append(EncodedImage(image_features(data), logits, thumbnail=thumbnail))
         return out
 
 
@@ -144,6 +158,7 @@ class FakeRecord:
     feature_norm: float
     top_logits: list[tuple[int, float]]
     created_ms: int
+    thumbnail: bytes = b""
 
 
 @dataclass
@@ -246,6 +261,7 @@ class FakeShard:
                 rec.feature_norm,
                 list(rec.top_logits),
                 old.created_ms if old else int(time.time() * 1000),
+                rec.thumbnail,
             )
             self.next_label += 1
             out.append(index_pb2.WriteResult(id=rec.id, changed=old is None))
@@ -268,6 +284,7 @@ class FakeShard:
                 self.name,
                 r.visual if include_vectors else None,
                 dict(r.semantics) if include_vectors else {},
+                r.thumbnail if include_thumbnails else b"",
             )
             for i in ids
             if (r := self.records.get(i)) is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import struct
 import time
 import urllib.request
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from imgsearch.api.encoder.v1 import encoder_pb2, encoder_pb2_grpc
@@ -130,6 +132,24 @@ def test_bad_items_fail_alone_and_the_server_keeps_serving(
     assert health_status_ok(server)
     again = stub.EncodeImages(images(("cat.png", sample_photos["cat"])), timeout=60)
     assert again.results[0].HasField("encoding")
+
+
+def test_thumbnails_when_asked_for_and_an_out_of_range_size_is_invalid(
+    stub: encoder_pb2_grpc.EncoderServiceStub, sample_photos: dict[str, bytes]
+) -> None:
+    request = images(("cat.png", sample_photos["cat"]), ("garbage.jpg", b"not an image" * 10))
+    request.thumbnail_px = 160
+    resp = stub.EncodeImages(request, timeout=60)
+    assert [r.WhichOneof("result") for r in resp.results] == ["encoding", "error"]
+    with Image.open(io.BytesIO(resp.results[0].encoding.thumbnail)) as im:
+        assert im.format == "JPEG" and im.size == (160, 106)
+    plain = stub.EncodeImages(images(("cat.png", sample_photos["cat"])), timeout=60)
+    assert plain.results[0].encoding.thumbnail == b""
+    request.thumbnail_px = 1025
+    with pytest.raises(grpc.RpcError) as info:
+        stub.EncodeImages(request, timeout=60)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "thumbnail_px is 1025" in str(info.value.details())
 
 
 def health_status_ok(server: ServiceProcess) -> bool:

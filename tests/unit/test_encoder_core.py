@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import subprocess
@@ -16,12 +17,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import pytest_asyncio
+from PIL import Image
 from prometheus_client import REGISTRY
 
 from imgsearch.encoder.batching import DeadlineExceeded, MicroBatcher
-from imgsearch.encoder.core import Encoder, ImageEncoding, ImageItem
+from imgsearch.encoder.core import MAX_THUMBNAIL_PX, Encoder, ImageEncoding, ImageItem
 from imgsearch.encoder.settings import EncoderSettings
 from imgsearch.kit.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from imgsearch.models.imaging import decode_image
 from imgsearch.models.manifest import MANIFEST_NAME, ModelManifest
 from imgsearch.models.runtime import RuntimeOptions, select_providers
 
@@ -100,6 +103,40 @@ async def test_cat_photo_is_classified_as_a_cat(encoder: Encoder, sample_photos:
     assert isinstance(result, ImageEncoding)
     assert int(np.argmax(result.logits)) in CAT_CLASSES
     assert (result.width, result.height) == (451, 300)
+
+
+async def test_thumbnails_come_with_the_encodings_and_a_bad_image_still_fails_alone(
+    encoder: Encoder, sample_photos: dict[str, bytes]
+) -> None:
+    items = [
+        ImageItem(sample_photos["cat"], "cat.png"),
+        ImageItem(b"definitely not an image", "notes.txt"),
+        ImageItem(sample_photos["rocket"], "rocket.jpg"),
+    ]
+    results = await encoder.encode_images(items, thumbnail_px=160)
+    plain = await encoder.encode_images(items)
+    assert isinstance(results[1], InvalidArgument) and "item 1 ('notes.txt')" in results[1].message
+    for i in (0, 2):
+        with_thumbnail, without = results[i], plain[i]
+        assert isinstance(with_thumbnail, ImageEncoding) and isinstance(without, ImageEncoding)
+        assert without.thumbnail == b""
+        # Exactly the decoder's thumbnail, and a thumbnail no larger than the model input changes no feature.
+        expected = decode_image(items[i].data, 224, encoder.limits, thumbnail_px=160).thumbnail
+        assert with_thumbnail.thumbnail == expected
+        np.testing.assert_allclose(with_thumbnail.features, without.features, atol=1e-4, rtol=1e-4)
+        with Image.open(io.BytesIO(with_thumbnail.thumbnail)) as im:
+            assert im.format == "JPEG" and max(im.size) == 160
+            assert im.size[0] / im.size[1] == pytest.approx(with_thumbnail.width / with_thumbnail.height, rel=0.02)
+
+
+@pytest.mark.parametrize("px", [-1, MAX_THUMBNAIL_PX + 1, 1 << 20])
+async def test_a_thumbnail_size_out_of_range_is_invalid(
+    encoder: Encoder, sample_photos: dict[str, bytes], px: int
+) -> None:
+    before = encoder.image_batcher.stats.batches
+    with pytest.raises(InvalidArgument, match=f"thumbnail_px is {px}; it must be 0 .* to 1024 px"):
+        await encoder.encode_images([ImageItem(sample_photos["cat"])], thumbnail_px=px)
+    assert encoder.image_batcher.stats.batches == before
 
 
 async def test_concurrent_requests_are_merged_into_one_batch(

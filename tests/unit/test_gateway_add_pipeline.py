@@ -1,19 +1,33 @@
-"""The gateway's add pipeline over in-memory peers: overlap, bounds, partial batches, write order, failures."""
+"""The gateway's add pipeline over in-memory peers: overlap, bounds, partial batches, order, failures, thumbnails."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from imgsearch.gateway import core
 from imgsearch.gateway.core import Gateway, NewImage
+from imgsearch.gateway.thumbnails import make_thumbnail
 from imgsearch.kit.encoder_client import EncodedImage
 from imgsearch.kit.errors import Unavailable
-from tests.fakes import FakeEncoder, FakeShard, FakeTagger, close_gateway, make_catalog, make_settings, stream
+from tests.fakes import (
+    SPACE_SEMANTIC,
+    SPACE_VISUAL,
+    FakeEncoder,
+    FakeShard,
+    FakeTagger,
+    close_gateway,
+    fake_thumbnail,
+    make_catalog,
+    make_settings,
+    stream,
+)
 
 TIMEOUT = 5.0
 BATCH = 4  # make_settings' add_batch_size
@@ -32,7 +46,7 @@ class SlowEncoder(FakeEncoder):
         self.gate: asyncio.Event | None = None
 
     async def encode_images(
-        self, images: Sequence[tuple[bytes, str]], include_logits: bool, timeout: float
+        self, images: Sequence[tuple[bytes, str]], include_logits: bool, timeout: float, thumbnail_px: int = 0
     ) -> list[EncodedImage]:
         call = self.calls
         self.calls += 1
@@ -45,7 +59,7 @@ class SlowEncoder(FakeEncoder):
             await asyncio.sleep(self.delay / (call + 1))
             if call == self.fail_call:
                 raise Unavailable("the encoder: connection refused")
-            return await super().encode_images(images, include_logits, timeout)
+            return await super().encode_images(images, include_logits, timeout, thumbnail_px)
         finally:
             self.active -= 1
 
@@ -174,3 +188,77 @@ async def test_a_cancelled_call_cancels_its_batches(parts: tuple[Gateway, SlowEn
         await task
     await asyncio.sleep(0.05)
     assert encoder.active == 0 and not pipeline_tasks()
+
+
+def jpeg_of(i: int) -> bytes:
+    """A small real JPEG (the gateway's fallback thumbnails need an image it can read)."""
+    out = io.BytesIO()
+    Image.new("RGB", (320, 240), (40 * i % 256, 90, 160)).save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def stored_thumbnails(shards: list[FakeShard]) -> dict[str, bytes]:
+    return {r.id: r.thumbnail for s in shards for r in s.records.values()}
+
+
+async def test_thumbnails_come_from_the_encoder_and_the_gateway_decodes_nothing(
+    parts: tuple[Gateway, SlowEncoder, list[FakeShard]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gw, encoder, shards = parts
+
+    def no_decoding(data: bytes, size: int, quality: int = 80) -> bytes:
+        raise AssertionError("the gateway decoded an image the encoder had made a thumbnail of")
+
+    monkeypatch.setattr(core, "make_thumbnail", no_decoding)
+    images = [image(i) for i in range(2 * BATCH + 1)]
+    results = await gw.add_images(stream(images), lambda: TIMEOUT)
+    assert all(r.error is None for r in results)
+    px = gw.settings.thumbnail_px
+    assert set(encoder.thumbnail_requests) == {px}
+    assert stored_thumbnails(shards) == {im.id: fake_thumbnail(im.data, px) for im in images}
+
+
+async def test_an_older_encoder_without_thumbnails_gets_them_made_by_the_gateway(tmp_path: Path) -> None:
+    catalog = make_catalog(tmp_path)
+    shards = [FakeShard(f"index-{i}") for i in range(2)]
+    corrupt = jpeg_of(2)
+    encoder = FakeEncoder(catalog.info, corrupt={corrupt}, thumbnails=False)
+    gw = Gateway(make_settings(tmp_path, shards), encoder, FakeTagger(), shards)
+    await gw.start(catalog=catalog)
+    try:
+        images = [NewImage(f"img-{i}", jpeg_of(i), {}, f"{i}.jpg") for i in range(BATCH + 2)]
+        results = await gw.add_images(stream(images), lambda: TIMEOUT)
+    finally:
+        assert await close_gateway(gw)
+    assert [r.error is not None for r in results] == [i == 2 for i in range(len(images))]
+    px = gw.settings.thumbnail_px
+    thumbnails = stored_thumbnails(shards)
+    assert thumbnails == {im.id: make_thumbnail(im.data, px) for im in images if im.data != corrupt}
+    with Image.open(io.BytesIO(thumbnails["img-0"])) as im:
+        assert im.format == "JPEG" and im.size == (px, px * 3 // 4)
+
+
+async def test_with_thumbnails_off_none_are_asked_for_or_made(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    catalog = make_catalog(tmp_path)
+    shards = [FakeShard("index-0")]
+    encoder = FakeEncoder(catalog.info, thumbnails=False)
+    gw = Gateway(make_settings(tmp_path, shards, thumbnails=False), encoder, FakeTagger(), shards)
+    monkeypatch.setattr(core, "make_thumbnail", lambda *_: pytest.fail("thumbnail made with thumbnails off"))
+    await gw.start(catalog=catalog)
+    try:
+        results = await gw.add_images(stream([image(i) for i in range(BATCH)]), lambda: TIMEOUT)
+    finally:
+        assert await close_gateway(gw)
+    assert all(r.error is None for r in results)
+    assert encoder.thumbnail_requests == [0]
+    assert set(stored_thumbnails(shards).values()) == {b""}
+
+
+async def test_searching_and_tagging_by_image_ask_for_no_thumbnail(
+    parts: tuple[Gateway, SlowEncoder, list[FakeShard]],
+) -> None:
+    gw, encoder, _ = parts
+    await gw.search_by_image(b"query bytes", 3, SPACE_VISUAL, TIMEOUT)
+    await gw.search_by_image(b"query bytes", 3, SPACE_SEMANTIC, TIMEOUT)
+    await gw.tag_image(b"query bytes", 3, 0, TIMEOUT)
+    assert encoder.thumbnail_requests == [0, 0, 0]

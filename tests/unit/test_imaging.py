@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 from imgsearch.encoder.imaging import (
     DecodedImage,
@@ -21,7 +21,9 @@ from imgsearch.encoder.imaging import (
     sniff_unsupported,
     webp_size,
 )
-from tests.conftest import encode
+from imgsearch.gateway.thumbnails import make_thumbnail
+from imgsearch.models import imaging
+from tests.conftest import encode, sample_path
 
 SIZE = 224
 LIMITS = ImageLimits()
@@ -409,3 +411,119 @@ def test_big_jpegs_decode_through_a_draft_at_the_target_size(cat_image: Image.Im
         full.resize((SIZE, SIZE), Image.Resampling.BICUBIC, box=(500.0, 0.0, 3500.0, 3000.0)), dtype=np.float32
     )
     assert np.abs(decoded.pixels.astype(np.float32) - reference).mean() <= 1.0
+
+
+# ---- thumbnails ----------------------------------------------------------------------------------------
+
+
+def thumbnail_pixels(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.format == "JPEG" and im.mode == "RGB"
+        return np.asarray(im, dtype=np.float32)
+
+
+def full_decode_thumbnail(data: bytes, px: int) -> np.ndarray:
+    """A thumbnail from the full-resolution decode, through the same JPEG quality: the best one can make."""
+    with Image.open(io.BytesIO(data)) as im:
+        rgb = ImageOps.exif_transpose(im).convert("RGB")
+    rgb.thumbnail((px, px), Image.Resampling.LANCZOS)
+    return thumbnail_pixels(encode(rgb, "JPEG", quality=80))
+
+
+def with_orientation(img: Image.Image, orientation: int, **kw: Any) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(img, "JPEG", exif=exif, **kw)
+
+
+@pytest.fixture(scope="module")
+def camera_jpeg() -> bytes:
+    """A 12 MP camera-like JPEG (benchmarks/bench_ingest.py's camera_photos): a sample photo upscaled."""
+    img = Image.open(sample_path("chelsea.png")).convert("RGB").resize((4000, 3000), Image.Resampling.BILINEAR)
+    return encode(img, "JPEG", quality=92)
+
+
+@pytest.mark.parametrize(
+    ("kind", "orientation", "px"),
+    [("camera", 1, 160), ("camera", 6, 160), ("camera", 3, 512), ("small", 8, 160), ("png", 1, 160), ("tiny", 1, 160)],
+)
+def test_thumbnail_equals_the_gateways_own(
+    camera_jpeg: bytes, cat_image: Image.Image, kind: str, orientation: int, px: int
+) -> None:
+    """The encoder's thumbnail has make_thumbnail's size and orientation, and pixels as close to a full decode's.
+
+    Both decode JPEGs through a draft, the encoder's to at least the model size: where that is the larger one
+    (the 641x401 photo: full size, against make_thumbnail's half) the two differ by ~2.7 grey levels, and the
+    encoder's is the one equal to the full decode's. Elsewhere the two are the same to the grey level.
+    """
+    if kind == "camera":
+        data = camera_jpeg if orientation == 1 else with_orientation(Image.open(io.BytesIO(camera_jpeg)), orientation)
+    elif kind == "small":
+        data = with_orientation(cat_image.resize((641, 401)), orientation, quality=92)
+    elif kind == "png":
+        data = encode(cat_image, "PNG")
+    else:  # smaller than the thumbnail: kept at its own size
+        data = encode(cat_image.resize((120, 90)), "JPEG", quality=92)
+    decoded = decode_image(data, SIZE, LIMITS, thumbnail_px=px)
+    ours, gateways = thumbnail_pixels(decoded.thumbnail), thumbnail_pixels(make_thumbnail(data, px))
+    assert ours.shape == gateways.shape
+    assert max(ours.shape[:2]) == min(px, max(decoded.width, decoded.height))
+    if orientation in (6, 8):
+        assert ours.shape[0] > ours.shape[1]  # the landscape pixels were turned upright
+    reference = full_decode_thumbnail(data, px)
+    assert np.abs(ours - gateways).mean() <= 3.0
+    assert np.abs(ours - reference).mean() <= np.abs(gateways - reference).mean() + 0.05
+
+
+def test_thumbnail_of_a_camera_photo_is_small_and_does_not_change_the_model_input(camera_jpeg: bytes) -> None:
+    plain = decode_image(camera_jpeg, SIZE, LIMITS)
+    with_thumbnail = decode_image(camera_jpeg, SIZE, LIMITS, thumbnail_px=160)
+    assert plain.thumbnail == b""
+    assert np.array_equal(plain.pixels, with_thumbnail.pixels)
+    assert (with_thumbnail.width, with_thumbnail.height) == (4000, 3000)
+    assert thumbnail_pixels(with_thumbnail.thumbnail).shape == (120, 160, 3)
+    assert len(with_thumbnail.thumbnail) < 16_000
+
+
+def test_a_thumbnail_larger_than_the_model_input_comes_from_a_large_enough_draft(camera_jpeg: bytes) -> None:
+    """At 512 px the 1/8 draft (500x375) would be too small: the decode must draft to at least 512."""
+    thumb = thumbnail_pixels(decode_image(camera_jpeg, SIZE, LIMITS, thumbnail_px=512).thumbnail)
+    assert thumb.shape == (384, 512, 3)
+    assert np.abs(thumb - full_decode_thumbnail(camera_jpeg, 512)).mean() <= 1.0
+
+
+def test_no_thumbnail_without_thumbnail_px(sample_photos: dict[str, bytes]) -> None:
+    assert decode_image(sample_photos["cat"], SIZE, LIMITS).thumbnail == b""
+    assert decode_image(sample_photos["cat"], SIZE, LIMITS, thumbnail_px=0).thumbnail == b""
+
+
+def test_transparent_areas_of_a_thumbnail_are_white() -> None:
+    decoded = decode_image(encode(_rgba(), "PNG"), SIZE, LIMITS, thumbnail_px=64)
+    pixels = thumbnail_pixels(decoded.thumbnail)
+    assert pixels[0, -1].min() >= 245  # the transparent right half
+
+
+def test_an_image_over_the_thumbnail_pixel_cap_is_encoded_without_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(imaging, "THUMBNAIL_MAX_PIXELS", 300 * 200 - 1)
+    decoded = decode_image(encode(quadrants(), "JPEG", quality=95), SIZE, LIMITS, thumbnail_px=160)
+    assert decoded.thumbnail == b"" and decoded.pixels.shape == (SIZE, SIZE, 3)
+
+
+def test_a_thumbnail_that_fails_leaves_the_image_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object, **kw: object) -> None:
+        raise OSError("encoder error -2 when writing image file")
+
+    data = encode(quadrants(), "PNG")
+    monkeypatch.setattr(Image.Image, "save", broken)
+    decoded = decode_image(data, SIZE, LIMITS, thumbnail_px=160)
+    assert decoded.thumbnail == b""
+    assert_quadrants(decoded, tolerance=2)
+
+
+def test_a_bad_image_with_thumbnails_fails_as_without() -> None:
+    for data in (b"", b"definitely not an image", encode(quadrants(), "JPEG")[:200]):
+        with pytest.raises(ImageDecodeError) as plain:
+            decode_image(data, SIZE, LIMITS, 3, "x.jpg")
+        with pytest.raises(ImageDecodeError) as thumbs:
+            decode_image(data, SIZE, LIMITS, 3, "x.jpg", thumbnail_px=160)
+        assert (thumbs.value.reason, thumbs.value.message) == (plain.value.reason, plain.value.message)

@@ -16,11 +16,13 @@ from imgsearch.models.manifest import ModelInfo
 
 @dataclass(frozen=True)
 class EncodedImage:
-    """Features (+ logits) of one image, or the reason it failed."""
+    """Features (+ logits, + thumbnail) of one image, or the reason it failed."""
 
     features: Matrix | None = None
     logits: Matrix | None = None
     error: ImgsearchError | None = None
+    # The JPEG asked for with thumbnail_px; empty when not asked for, not made, or the encoder predates it.
+    thumbnail: bytes = b""
 
 
 class EncoderClient:
@@ -60,12 +62,13 @@ class EncoderClient:
         return out
 
     async def encode_images(
-        self, images: Sequence[tuple[bytes, str]], include_logits: bool, timeout: float
+        self, images: Sequence[tuple[bytes, str]], include_logits: bool, timeout: float, thumbnail_px: int = 0
     ) -> list[EncodedImage]:
-        """(bytes, name) pairs to one result per image, in order."""
+        """(bytes, name) pairs to one result per image, in order; thumbnail_px > 0 also asks for thumbnails."""
         req = encoder_pb2.EncodeImagesRequest(
             images=[encoder_pb2.ImageInput(data=data, name=name) for data, name in images],
             include_logits=include_logits,
+            thumbnail_px=thumbnail_px,
         )
         r = await self.stub.EncodeImages(req, timeout=timeout)
         out = []
@@ -75,5 +78,5 @@ class EncoderClient:
             else:
                 enc = item.encoding
                 logits = from_vector(enc.logits) if enc.HasField("logits") else None
-                out.append(EncodedImage(features=from_vector(enc.features), logits=logits))
+                out.append(EncodedImage(features=from_vector(enc.features), logits=logits, thumbnail=enc.thumbnail))
         return out

@@ -22,6 +22,11 @@ ACCEPTED_FORMATS: Final = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 ACCEPTED_TEXT: Final = "JPEG, PNG, WebP, GIF or BMP"
 # Reason label values of imgsearch_encoder_decode_failures_total.
 REASONS: Final = ("empty", "corrupt", "truncated", "unsupported_format", "too_large", "too_many_pixels")
+# Thumbnails (decode_image's thumbnail_px) are JPEGs of this quality. Images of more pixels than the cap get
+# none, whatever the decode limits allow: the gateway's own thumbnails.make_thumbnail uses both constants, so a
+# record's thumbnail is the same whichever service made it.
+THUMBNAIL_QUALITY: Final = 80
+THUMBNAIL_MAX_PIXELS: Final = 50_000_000
 
 # Our own pixel limit (checked from the header) is the real guard; Pillow's warning at 89 MP would only
 # add noise, while its hard error at 179 MP stays in force as a second line of defence.
@@ -83,11 +88,13 @@ class ImageLimits:
 
 @dataclass(frozen=True)
 class DecodedImage:
-    """Model input (size x size x 3, uint8 RGB) and the image's size after EXIF orientation."""
+    """Model input (size x size x 3, uint8 RGB), the image's size after EXIF orientation, and its thumbnail."""
 
     pixels: npt.NDArray[np.uint8]
     width: int
     height: int
+    # A JPEG whose longer side is at most the thumbnail_px asked for; empty when none was asked for or made.
+    thumbnail: bytes = b""
 
 
 def describe(index: int, name: str = "") -> str:
@@ -293,10 +300,28 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(data: bytes, size: int, limits: ImageLimits, index: int = 0, name: str = "") -> DecodedImage:
+def _thumbnail(rgb: Image.Image, px: int, what: str) -> bytes:
+    """A JPEG of the RGB image, longer side at most px (Lanczos, as Image.thumbnail); b"" if it cannot be made."""
+    try:
+        # A copy of the draft-reduced image (500x375 for a 12 MP JPEG), so the model input is left as it is.
+        small = rgb.copy()
+        small.thumbnail((px, px), Image.Resampling.LANCZOS)
+        out = io.BytesIO()
+        small.save(out, format="JPEG", quality=THUMBNAIL_QUALITY, optimize=True)
+        return out.getvalue()
+    # The image itself decoded, so it is still encoded: a missing thumbnail costs a result page an icon only.
+    except Exception:
+        log.warning("no thumbnail for %s", what, exc_info=True)
+        return b""
+
+
+def decode_image(
+    data: bytes, size: int, limits: ImageLimits, index: int = 0, name: str = "", *, thumbnail_px: int = 0
+) -> DecodedImage:
     """Decode one image to size x size RGB: EXIF orientation, shorter side to `size` (bicubic), centre crop.
 
-    Raises ImageDecodeError (an InvalidArgument) naming the item and the reason.
+    With thumbnail_px > 0 the result also holds a JPEG thumbnail (longer side at most thumbnail_px), made from
+    the same decode. Raises ImageDecodeError (an InvalidArgument) naming the item and the reason.
     """
     what = describe(index, name)
     if not data:
@@ -308,7 +333,7 @@ def decode_image(data: bytes, size: int, limits: ImageLimits, index: int = 0, na
     try:
         img = _open(data, limits, what)
         try:
-            return _decode_opened(img, size, limits, what)
+            return _decode_opened(img, size, limits, what, thumbnail_px)
         finally:
             img.close()
     except (ImageDecodeError, MemoryError):
@@ -320,17 +345,23 @@ def decode_image(data: bytes, size: int, limits: ImageLimits, index: int = 0, na
         raise ImageDecodeError(f"{what} could not be decoded: {type(exc).__name__}: {exc}", "corrupt") from None
 
 
-def _decode_opened(img: ImageFile.ImageFile, size: int, limits: ImageLimits, what: str) -> DecodedImage:
+def _decode_opened(
+    img: ImageFile.ImageFile, size: int, limits: ImageLimits, what: str, thumbnail_px: int = 0
+) -> DecodedImage:
     stored_w, stored_h = img.size
     # The header's size is known before any pixel is decoded: refuse bombs here, not after allocating them.
     _check_pixels(stored_w, stored_h, limits, what)
+    if thumbnail_px > 0 and stored_w * stored_h > THUMBNAIL_MAX_PIXELS:
+        thumbnail_px = 0
     if img.format == "JPEG":
         # Let libjpeg scale by 1/2..1/8 in the DCT to the smallest size whose shorter side is still at
         # least the target: big photos decode several times faster and the bicubic step below does the real
         # resize. Against a draft of twice the target, on 12 MP JPEGs (quality 90) this decoded 1.36x faster
         # (15.1 vs 20.4 ms) and moved the final 224-px pixels by 0.46 grey levels on average (0.30-0.67 per
         # photo, at most 10 on single pixels); see docs/evaluation.md.
-        img.draft("RGB", (size, size))
+        # A thumbnail larger than the model input needs a larger draft, never one smaller than its own.
+        target = max(size, thumbnail_px)
+        img.draft("RGB", (target, target))
     _load(img, limits, what)
     # Read EXIF only after load(): for PNG, getexif() would otherwise trigger the load itself and a
     # decoding error there would be swallowed together with the EXIF problem.
@@ -340,6 +371,7 @@ def _decode_opened(img: ImageFile.ImageFile, size: int, limits: ImageLimits, wha
     if orientation in _TRANSPOSE:
         out = out.transpose(_TRANSPOSE[orientation])
     out = to_rgb(out)
+    thumbnail = _thumbnail(out, thumbnail_px, what) if thumbnail_px > 0 else b""
     w, h = out.size
     side = min(w, h)
     # Cropping the centred square in source coordinates and resizing it in one call is the same as
@@ -349,4 +381,4 @@ def _decode_opened(img: ImageFile.ImageFile, size: int, limits: ImageLimits, wha
     pixels = np.asarray(out, dtype=np.uint8)
     if pixels.shape != (size, size, 3):
         raise ImageDecodeError(f"{what} decoded to an unexpected shape {pixels.shape}", "corrupt")
-    return DecodedImage(pixels=np.ascontiguousarray(pixels), width=width, height=height)
+    return DecodedImage(pixels=np.ascontiguousarray(pixels), width=width, height=height, thumbnail=thumbnail)

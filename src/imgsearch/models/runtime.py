@@ -329,12 +329,13 @@ class ImageModel:
         """The providers the session really runs on, best first."""
         return tuple(self.session.get_providers())
 
-    def preprocess(self, data: bytes, index: int = 0, name: str = "") -> DecodedImage:
+    def preprocess(self, data: bytes, index: int = 0, name: str = "", *, thumbnail_px: int = 0) -> DecodedImage:
         """Decode (EXIF, limits, bomb checks), RGB, shorter side to the model size and centre crop.
 
+        thumbnail_px > 0 also makes a JPEG thumbnail of at most that many px from the same decode.
         Raises ImageDecodeError naming item `index` (and `name`) and the reason.
         """
-        return decode_image(data, self.manifest.image_size, self.limits, index, name)
+        return decode_image(data, self.manifest.image_size, self.limits, index, name, thumbnail_px=thumbnail_px)
 
     def preprocess_file(self, path: Path) -> Pixels:
         return self.preprocess(path.read_bytes(), name=path.name).pixels

@@ -17,7 +17,9 @@ def image_items(request: encoder_pb2.EncodeImagesRequest) -> list[ImageItem]:
 def image_result(result: ImageResult, include_logits: bool) -> encoder_pb2.EncodedImage:
     if not isinstance(result, ImageEncoding):
         return encoder_pb2.EncodedImage(error=item_error(result))
-    encoding = encoder_pb2.ImageEncoding(features=packed(result.features), width=result.width, height=result.height)
+    encoding = encoder_pb2.ImageEncoding(
+        features=packed(result.features), width=result.width, height=result.height, thumbnail=result.thumbnail
+    )
     if include_logits:
         encoding.logits.CopyFrom(packed(result.logits))
     return encoder_pb2.EncodedImage(encoding=encoding)

@@ -41,6 +41,9 @@ Pixels = npt.NDArray[np.uint8]
 MAX_AUTO_IMAGE_WORKERS = 8
 # Intra-op threads of the text session on CPU unless configured (see text_threads).
 TEXT_THREADS_DEFAULT = 1
+# Largest thumbnail a caller may ask for (EncodeImagesRequest.thumbnail_px): thumbnails are for result pages,
+# and a larger one would need a larger JPEG draft, slowing the decode the model input needs.
+MAX_THUMBNAIL_PX = 1024
 
 
 def cpu_count() -> int:
@@ -90,12 +93,14 @@ class ImageItem:
 
 @dataclass(frozen=True)
 class ImageEncoding:
-    """The image model's output for one image, plus its size after EXIF orientation."""
+    """The image model's output for one image, plus its size after EXIF orientation and its thumbnail."""
 
     features: Vector
     logits: Vector
     width: int
     height: int
+    # JPEG, when the request asked for thumbnails and one could be made.
+    thumbnail: bytes = b""
 
 
 ImageResult = ImageEncoding | ImgsearchError
@@ -266,9 +271,9 @@ class Encoder:
                 f"text model returned {embedding.shape}; manifest says ({self.manifest.text_dim},)"
             )
 
-    def _decode(self, index: int, item: ImageItem) -> DecodedImage | ImageDecodeError:
+    def _decode(self, index: int, item: ImageItem, thumbnail_px: int = 0) -> DecodedImage | ImageDecodeError:
         try:
-            return self.image_model.preprocess(item.data, index, item.name)
+            return self.image_model.preprocess(item.data, index, item.name, thumbnail_px=thumbnail_px)
         except ImageDecodeError as exc:
             metrics.DECODE_FAILURES.labels(exc.reason).inc()
             log.debug("image rejected", extra={"reason": exc.reason, "detail": exc.message})
@@ -279,22 +284,32 @@ class Encoder:
         if n > limit:
             raise ResourceExhausted(f"{n} {what} in one request; the limit is {limit}, so split the request")
 
-    async def encode_images(self, items: Sequence[ImageItem], deadline: float | None = None) -> list[ImageResult]:
+    async def encode_images(
+        self, items: Sequence[ImageItem], deadline: float | None = None, thumbnail_px: int = 0
+    ) -> list[ImageResult]:
         """Per image, in order: its encoding, or the error that affects that image alone.
 
-        deadline is in asyncio loop time; images still queued when it passes are not run.
+        deadline is in asyncio loop time; images still queued when it passes are not run. thumbnail_px > 0
+        also makes each image's JPEG thumbnail (longer side at most that) from the decode done anyway.
         """
+        if not 0 <= thumbnail_px <= MAX_THUMBNAIL_PX:
+            raise InvalidArgument(
+                f"thumbnail_px is {thumbnail_px}; it must be 0 (no thumbnails) to {MAX_THUMBNAIL_PX} px"
+            )
         self._check_count(len(items), "images")
         # Refuse early under overload rather than decode images the queue cannot take.
         self.image_batcher.check_capacity(len(items))
         loop = asyncio.get_running_loop()
         decoded = await asyncio.gather(
-            *(loop.run_in_executor(self._decode_pool, self._decode, i, item) for i, item in enumerate(items))
+            *(
+                loop.run_in_executor(self._decode_pool, self._decode, i, item, thumbnail_px)
+                for i, item in enumerate(items)
+            )
         )
         good = [(i, d) for i, d in enumerate(decoded) if isinstance(d, DecodedImage)]
         outputs = await self.image_batcher.submit([d.pixels for _, d in good], deadline)
         encoded = {
-            i: ImageEncoding(features=features, logits=logits, width=d.width, height=d.height)
+            i: ImageEncoding(features=features, logits=logits, width=d.width, height=d.height, thumbnail=d.thumbnail)
             for (i, d), (features, logits) in zip(good, outputs, strict=True)
         }
         return [encoded[i] if isinstance(d, DecodedImage) else d for i, d in enumerate(decoded)]

@@ -39,7 +39,9 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         self, request: encoder_pb2.EncodeImagesRequest, context: Context
     ) -> encoder_pb2.EncodeImagesResponse:
         encoder = self._ready()
-        results = await encoder.encode_images(convert.image_items(request), deadline_of(context))
+        results = await encoder.encode_images(
+            convert.image_items(request), deadline_of(context), thumbnail_px=request.thumbnail_px
+        )
         return convert.images_response(results, request.include_logits, encoder.manifest.image_version)
 
     async def EncodeTexts(

@@ -144,7 +144,7 @@ class Encoder(Protocol):
     async def encode_texts(self, texts: Sequence[str], timeout: float) -> list[Matrix | ImgsearchError]: ...
 
     async def encode_images(
-        self, images: Sequence[tuple[bytes, str]], include_logits: bool, timeout: float
+        self, images: Sequence[tuple[bytes, str]], include_logits: bool, timeout: float, thumbnail_px: int = 0
     ) -> list[EncodedImage]: ...
 
 
@@ -468,6 +468,6 @@ class CoalescingEncoder:
             return [exc]
 
     async def encode_images(
-        self, images: Sequence[tuple[bytes, str]], include_logits: bool, timeout: float
+        self, images: Sequence[tuple[bytes, str]], include_logits: bool, timeout: float, thumbnail_px: int = 0
     ) -> list[EncodedImage]:
-        return await self.encoder.encode_images(images, include_logits, timeout)
+        return await self.encoder.encode_images(images, include_logits, timeout, thumbnail_px)
