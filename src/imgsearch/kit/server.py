@@ -13,6 +13,7 @@ import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 
 from imgsearch.kit import metrics, tls, tracing
 from imgsearch.kit.auth import TokenFileError, internal_auth_interceptor
@@ -94,6 +95,7 @@ class Runner:
         ]
         # Every service gets tracing and internal authentication from its settings, without code of its own.
         tracing.setup_tracing(app.name)
+        limit_blas_threads(settings.blas_threads)
         try:
             internal = internal_auth_interceptor(settings.internal_token_file) if app.internal_auth else None
         except TokenFileError as exc:
@@ -218,3 +220,13 @@ def run(app_factory: Callable[[], tuple[ServiceApp, ServerSettings]]) -> None:
         await serve(app, settings)
 
     asyncio.run(main())
+
+
+def limit_blas_threads(threads: int) -> None:
+    """Cap every BLAS library loaded in this process (numpy's, FAISS's) at `threads`; 0 leaves them as they are.
+
+    threadpoolctl rather than OPENBLAS_NUM_THREADS: it works after numpy is imported and finds each library
+    whichever way it was linked.
+    """
+    if threads > 0:
+        threadpool_limits(limits=threads, user_api="blas")
