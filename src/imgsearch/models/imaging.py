@@ -12,7 +12,7 @@ from typing import Final
 
 import numpy as np
 import numpy.typing as npt
-from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from imgsearch.kit.errors import InvalidArgument
 
@@ -303,9 +303,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def _thumbnail(rgb: Image.Image, px: int, what: str) -> bytes:
     """A JPEG of the RGB image, longer side at most px (Lanczos, as Image.thumbnail); b"" if it cannot be made."""
     try:
-        # A copy of the draft-reduced image (500x375 for a 12 MP JPEG), so the model input is left as it is.
-        small = rgb.copy()
-        small.thumbnail((px, px), Image.Resampling.LANCZOS)
+        # ImageOps.contain resizes into a new image (Image.thumbnail would need a copy of the draft-reduced image
+        # first, 500x375 for a 12 MP JPEG, to leave the model input alone); smaller images are kept as they are.
+        fits = rgb.width <= px and rgb.height <= px
+        small = rgb if fits else ImageOps.contain(rgb, (px, px), Image.Resampling.LANCZOS)
         out = io.BytesIO()
         small.save(out, format="JPEG", quality=THUMBNAIL_QUALITY, optimize=True)
         return out.getvalue()
