@@ -300,8 +300,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _thumbnail(rgb: Image.Image, px: int, what: str) -> bytes:
-    """A JPEG of the RGB image, longer side at most px (Lanczos, as Image.thumbnail); b"" if it cannot be made."""
+def thumbnail_jpeg(rgb: Image.Image, px: int, what: str = "image") -> bytes:
+    """A JPEG of the RGB image, longer side at most px (Lanczos, as Image.thumbnail); b"" if it cannot be made.
+
+    The one recipe for a record's thumbnail, whether the encoder makes it (decode_image's thumbnail_px) or the
+    gateway does for an older encoder (gateway.thumbnails.make_thumbnail).
+    """
     try:
         # ImageOps.contain resizes into a new image (Image.thumbnail would need a copy of the draft-reduced image
         # first, 500x375 for a 12 MP JPEG, to leave the model input alone); smaller images are kept as they are.
@@ -372,7 +376,7 @@ def _decode_opened(
     if orientation in _TRANSPOSE:
         out = out.transpose(_TRANSPOSE[orientation])
     out = to_rgb(out)
-    thumbnail = _thumbnail(out, thumbnail_px, what) if thumbnail_px > 0 else b""
+    thumbnail = thumbnail_jpeg(out, thumbnail_px, what) if thumbnail_px > 0 else b""
     w, h = out.size
     side = min(w, h)
     # Cropping the centred square in source coordinates and resizing it in one call is the same as

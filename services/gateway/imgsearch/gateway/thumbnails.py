@@ -8,17 +8,12 @@ import warnings
 
 from PIL import Image, ImageOps
 
-from imgsearch.models.imaging import THUMBNAIL_MAX_PIXELS, THUMBNAIL_QUALITY
+from imgsearch.models.imaging import THUMBNAIL_MAX_PIXELS, thumbnail_jpeg
 
 log = logging.getLogger(__name__)
 
-# Thumbnails are small by design: anything that would decode to more than this is not worth the gateway's CPU
-# (the encoder already refused real decompression bombs before a thumbnail is made). The encoder's own
-# thumbnails (decode_image's thumbnail_px) use the same cap, so both skip the same images.
-_MAX_PIXELS = THUMBNAIL_MAX_PIXELS
 
-
-def make_thumbnail(data: bytes, size: int, quality: int = THUMBNAIL_QUALITY) -> bytes:
+def make_thumbnail(data: bytes, size: int) -> bytes:
     """A JPEG whose longer side is at most `size` px, EXIF-rotated; b"" if the image cannot be read.
 
     The encoder normally makes these from its own decode (EncodeImagesRequest.thumbnail_px); the gateway
@@ -30,14 +25,13 @@ def make_thumbnail(data: bytes, size: int, quality: int = THUMBNAIL_QUALITY) -> 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
-                if im.width * im.height > _MAX_PIXELS:
+                # Small by design: anything bigger is not worth the gateway's CPU (the encoder already refused
+                # real decompression bombs), and the encoder's own thumbnails skip the same images.
+                if im.width * im.height > THUMBNAIL_MAX_PIXELS:
                     return b""
                 im.draft("RGB", (size, size))
                 rgb = ImageOps.exif_transpose(im).convert("RGB")
-                rgb.thumbnail((size, size), Image.Resampling.LANCZOS)
-                out = io.BytesIO()
-                rgb.save(out, format="JPEG", quality=quality, optimize=True)
-                return out.getvalue()
+                return thumbnail_jpeg(rgb, size)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         # The image was already encoded by the encoder, so this is rare; the record is stored without one.
         log.info("no thumbnail", extra={"reason": str(exc)})

@@ -60,7 +60,7 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
             raise ResourceExhausted(
                 f"{len(request.searches)} searches in one SearchBatch, at most {core.settings.max_batch} allowed"
             )
-        results: list[index_pb2.SearchBatchResult | None] = [None] * len(request.searches)
+        results: dict[int, index_pb2.SearchBatchResult] = {}
         later: list[tuple[int, SearchArgs]] = []
         for i, search in enumerate(request.searches):
             try:
@@ -77,7 +77,9 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
             # The searches that cannot run on the event loop share one worker-thread hop.
             for i, result in await asyncio.to_thread(_search_all, core, later):
                 results[i] = result
-        return index_pb2.SearchBatchResponse(results=[r for r in results if r is not None], shard=core.shard)
+        return index_pb2.SearchBatchResponse(
+            results=[results[i] for i in range(len(request.searches))], shard=core.shard
+        )
 
     async def Get(self, request: index_pb2.GetRequest, context: Context) -> index_pb2.GetResponse:
         core = self._core()

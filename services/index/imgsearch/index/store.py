@@ -749,7 +749,7 @@ class Store:
         out: dict[int, HitRecord] = {}
         conn = self._reader()
         for part in _chunks(list(dict.fromkeys(labels))):
-            sql = f"SELECT {_RECORD_COLUMNS} FROM records r WHERE r.label IN ({_marks(len(part))})"
+            sql = f"{_select(False)} WHERE r.label IN ({_marks(len(part))})"
             for label, image_id, metadata, source_name, created_ms in conn.execute(sql, tuple(part)):
                 out[label] = HitRecord(image_id, json.loads(metadata), source_name, created_ms)
         return out
