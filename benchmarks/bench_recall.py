@@ -2,9 +2,11 @@
 
 What it measures: shard 0 of the synthetic set that `python benchmarks/bench_scale.py scale --sizes 1000000
 --no-real` serves from 2 shards, indexed as the product indexes it (semantic: HNSW over float16 via `build_base`
-with the `AnnParams` defaults, M 32 / efConstruction 128; visual: IVF-PQ made by `new_base_index` at --train-rows,
+with the `AnnParams` defaults, M 32 / efConstruction 128; visual: the --kind (fast-scan IVFPQFS, the default, or
+IVFPQ) made by `new_base_index` at --train-rows,
 the retraining point the 1M run hit, then the other rows added, with the exact float16 re-rank the shard does),
-searched one query at a time on one thread. Per setting (semantic: efSearch; visual: nprobe x re-rank depth):
+searched one query at a time on one thread. Per setting (semantic: efSearch; visual: nprobe x re-rank depth;
+`--filtered N...` adds the CPU of a search that scores every one of N allowed rows, as filters and cursor pages do):
 
 - recall@10 shard: overlap of the shard's top 10 with the exact top 10 over the shard's own rows;
 - est. 2-shard recall@10 [95 % bootstrap CI]: of the GLOBAL exact top-10 rows (over all 1M) that live in shard 0,
@@ -55,7 +57,8 @@ os.environ["OMP_NUM_THREADS"] = "1"
 import faiss
 import numpy as np
 
-from imgsearch.index.ann import AnnParams, build_base, new_base_index
+from imgsearch.index.ann import IVF_KINDS, AnnParams, Base, SegmentedSpace, build_base, new_base_index
+from imgsearch.index.indexes import INDEX_KINDS
 
 if TYPE_CHECKING:  # mypy sees benchmarks/ as a package; run as a script, this file's directory is on sys.path
     from benchmarks.bench_scale import SD, VD, dataset, recall_at, rerank, unit
@@ -358,16 +361,19 @@ def visual(args: argparse.Namespace) -> None:
 
     def build() -> Any:
         # As the 1M run's shard got it: trained on the rows it held at its last retraining, then the rest added.
-        index = new_base_index("IVFPQ", VD, data.base[:train_rows], AnnParams())
+        index = new_base_index(args.kind, VD, data.base[:train_rows], AnnParams())
         for lo in range(0, rows, CHUNK):
             index.add(np.ascontiguousarray(data.base[lo : lo + CHUNK]))
-        faiss.extract_index_ivf(index).make_direct_map()  # as build_base does
+        if args.kind == "IVFPQ":
+            faiss.extract_index_ivf(index).make_direct_map()  # as build_base does
         return index
 
-    index = cached_index(data_dir(args) / f"visual_ivfpq_train{train_rows}.faiss", build)
+    stem = "visual_ivfpq" if args.kind == "IVFPQ" else f"visual_{args.kind.lower()}"
+    index = cached_index(data_dir(args) / f"{stem}_train{train_rows}.faiss", build)
     ivf = faiss.extract_index_ivf(index)
     pq: Any = faiss.downcast_index(index).pq  # type: ignore[attr-defined]
-    desc = f"IVF{ivf.nlist},PQ{pq.M}x{pq.nbits} trained on {train_rows:,} rows"
+    fs = "fs" if args.kind == "IVFPQFS" else ""
+    desc = f"IVF{ivf.nlist},PQ{pq.M}x{pq.nbits}{fs} trained on {train_rows:,} rows"
     log(f"visual: {desc}, ntotal {index.ntotal}")
     stored16 = np.asarray(data.base).astype(np.float16)  # what the shard re-ranks from (SQLite)
     title(args, "visual", desc, rows)
@@ -397,6 +403,27 @@ def visual(args: argparse.Namespace) -> None:
                 f" {rr_cpu / nq * 1000:.2f} | {(pq_cpu + rr_cpu) / nq * 1000:.2f} |",
                 flush=True,
             )
+    if args.filtered:
+        filtered(args, index, data)
+
+
+def filtered(args: argparse.Namespace, index: Any, data: SpaceData) -> None:
+    """CPU of a search that scores every allowed row of the base (a selective filter, a cursor page), through the
+    shard's own SegmentedSpace: IVF-PQ reconstructs the rows, fast-scan scans every list with a row selector."""
+    rows = data.base.shape[0]
+    space = SegmentedSpace(args.kind, INDEX_KINDS["Flat"], VD, False, AnnParams())
+    space.install(Base(kind=args.kind, index=index, row_labels=np.arange(rows, dtype=np.int64), trained_rows=rows))
+    rng = np.random.default_rng(1)
+    queries = data.queries[:20]
+    print(f"\n{args.kind}: every allowed row scored (exact=True), k = 300, {len(queries)} queries, 1 thread\n")
+    print("| allowed rows | CPU ms per query |")
+    print("|---:|---:|")
+    for n in args.filtered:
+        allowed = np.sort(rng.choice(rows, min(n, rows), replace=False)).astype(np.int64)
+        c0 = time.process_time()
+        for q in queries:
+            space.search(q[None, :], 300, allowed, exact=True, rescored=True)
+        print(f"| {allowed.shape[0]:,} | {(time.process_time() - c0) / len(queries) * 1000:.2f} |", flush=True)
 
 
 def title(args: argparse.Namespace, space: str, desc: str, rows: int) -> None:
@@ -434,8 +461,12 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--rerank", type=int, nargs="*", default=[], help="also: exact re-rank of this many")
     for q in (pv, pa):
         q.add_argument("--train-rows", type=int, default=380_000, help="IVF-PQ training point (the 1M run's)")
+        q.add_argument("--kind", choices=list(IVF_KINDS), default="IVFPQFS", help="the visual base's kind")
         q.add_argument("--nprobe", type=int, nargs="+", default=[32, 64, 96, 128, 160, 192])
         q.add_argument("--depths", type=int, nargs="+", default=[100, 300], help="re-rank depths (candidates)")
+        q.add_argument(
+            "--filtered", type=int, nargs="*", default=[], help="also: CPU of scoring every one of this many rows"
+        )
     args = p.parse_args(argv)
     faiss.omp_set_num_threads(1)
     log("start", " ".join(sys.argv))

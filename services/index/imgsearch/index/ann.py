@@ -2,7 +2,8 @@
 
 A SegmentedSpace answers like one index over int64 labels:
 - the **tail** is the exact kind (IDMap2,Flat): every write goes there, deletes remove from it in place;
-- the **base** is an approximate index (HNSW over float16, or IVF-PQ) over rows 0..n-1 with a row -> label map.
+- the **base** is an approximate index (HNSW over float16, IVF-PQ, or IVF-PQ with 4-bit fast-scan codes) over rows
+  0..n-1 with a row -> label map.
   It is never modified after it is built: a delete or replacement of a label held in the base clears its bit in
   the `alive` bitmap, which every base search passes to FAISS as an IDSelector (so k is still filled).
 
@@ -37,7 +38,9 @@ log = logging.getLogger(__name__)
 Scores = npt.NDArray[np.float32]
 
 # Kinds a space may be configured with: exact only, or exact tail + approximate base.
-SPACE_KINDS = ("Flat", "HNSW", "IVFPQ")
+SPACE_KINDS = ("Flat", "HNSW", "IVFPQ", "IVFPQFS")
+# Kinds whose base scores are PQ approximations: the shard re-ranks their candidates from the stored vectors.
+IVF_KINDS = ("IVFPQ", "IVFPQFS")
 
 
 @dataclass(frozen=True)
@@ -51,10 +54,10 @@ class AnnParams:
     hnsw_m: int = 32
     # efConstruction 128 / efSearch 256 gave recall@10 0.996 (synthetic) and 1.000 (MiniLM captions) at 100k, where
     # 64 / 64 gave 0.78 / 0.99; at 500k per shard the hard synthetic queries need efSearch 320 (0.964-0.976) and
-    # nprobe 96 (0.953-0.971; 32 gave 0.906-0.935), measured in docs/benchmarks.md.
+    # nprobe 96-192 (IVF-PQ 0.953 at 96; fast-scan 0.973 at 96, 0.989 at 192), measured in docs/benchmarks.md.
     hnsw_ef_construction: int = 128
     hnsw_ef_search: int = 320
-    ivf_nprobe: int = 96
+    ivf_nprobe: int = 192
     pq_dims_per_code: int = 8
     brute_limit: int = 20_000
     build_threads: int = 1
@@ -96,17 +99,23 @@ def new_base_index(kind: str, dim: int, train: Matrix, params: AnnParams) -> Any
         index.hnsw.efConstruction = params.hnsw_ef_construction
         index.train(train)
         return index
-    if kind == "IVFPQ":
+    if kind in IVF_KINDS:
         n = train.shape[0]
         nlist = max(1, min(int(math.sqrt(n)), n // 39 if n >= 39 else 1, 4096))
-        m = _pq_m(dim, params.pq_dims_per_code)
-        # 8 bits per code unless the training set is too small for 256 centroids per sub-quantizer.
-        nbits = 8 if n >= 39 * 256 else 4
-        # "np": no polysemous training (a code permutation for Hamming pre-filtering, which these searches never
-        # use); it was 20 of the 21 s of a 3,000-row build and grows with the number of sub-quantizers.
-        # Not 4-bit fast scan ("x4fs", faster still): in faiss 1.15.1 reconstructing from one read back from a
-        # snapshot segfaults, and _brute reconstructs (docs/benchmarks.md, "Choosing the approximate kinds").
-        index = faiss.index_factory(dim, f"IVF{nlist},PQ{m}x{nbits}np", faiss.METRIC_INNER_PRODUCT)
+        if kind == "IVFPQFS":
+            # 4-bit codes scanned with SIMD from registers (FAISS "fast scan"): twice the sub-quantizers of 8-bit PQ
+            # in the same bytes per vector, and 5-8x less CPU per scanned code, so the same share of the lists
+            # is probed for far less CPU (docs/benchmarks.md, "Fast-scan visual base").
+            m = _pq_m(dim, max(1, params.pq_dims_per_code // 2))
+            factory = f"IVF{nlist},PQ{m}x4fs"
+        else:
+            m = _pq_m(dim, params.pq_dims_per_code)
+            # 8 bits per code unless the training set is too small for 256 centroids per sub-quantizer.
+            nbits = 8 if n >= 39 * 256 else 4
+            # "np": no polysemous training (a code permutation for Hamming pre-filtering, which these searches
+            # never use); it was 20 of the 21 s of a 3,000-row build and grows with the number of sub-quantizers.
+            factory = f"IVF{nlist},PQ{m}x{nbits}np"
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
         sample = train
         if n > 64 * nlist:
             pick = np.random.default_rng(0).choice(n, 64 * nlist, replace=False)
@@ -129,6 +138,7 @@ def build_base(kind: str, dim: int, vectors: Matrix, labels: Labels, params: Ann
         trained = old.trained_rows
     index.add(x)
     if kind == "IVFPQ":
+        # For _brute's reconstruct. Fast-scan bases never reconstruct (see _scan).
         faiss.extract_index_ivf(index).make_direct_map()
     return Base(kind=kind, index=index, row_labels=row_labels, trained_rows=trained)
 
@@ -183,7 +193,7 @@ class SegmentedSpace:
     @property
     def reranks(self) -> bool:
         """Whether base scores are approximate (PQ) and the caller should re-rank from the stored vectors."""
-        return self.base is not None and self.base.kind == "IVFPQ"
+        return self.base is not None and self.base.kind in IVF_KINDS
 
     # --- base installation ---
 
@@ -254,7 +264,7 @@ class SegmentedSpace:
             return "full" if self.tail.ntotal >= p.min_vectors else None
         if self.base.rows and self.dead >= p.rebuild_dead_fraction * self.base.rows:
             return "full"
-        if self.base.kind == "IVFPQ" and self.ntotal >= 4 * max(1, self.base.trained_rows):
+        if self.base.kind in IVF_KINDS and self.ntotal >= 4 * max(1, self.base.trained_rows):
             return "full"
         if self.tail.ntotal >= max(p.merge_min, p.merge_ratio * self.alive_count):
             return "merge"
@@ -345,12 +355,37 @@ class SegmentedSpace:
         """Exact scores of these rows against the base's stored (float16 or PQ-decoded) vectors."""
         base = self.base
         assert base is not None
+        if base.kind == "IVFPQFS":
+            return self._scan(query, k, rows)
         vecs = base.index.reconstruct_batch(np.ascontiguousarray(rows, dtype=np.int64))
         scores = (vecs @ query[0]).astype(np.float32)
         labels = base.row_labels[rows]
         top = min(k, scores.shape[0])
         pick = np.argpartition(-scores, top - 1)[:top] if top < scores.shape[0] else np.arange(scores.shape[0])
         return scores[pick], labels[pick]
+
+    def _scan(self, query: Matrix, k: int, rows: npt.NDArray[np.int64]) -> tuple[Scores, Labels]:
+        """_brute for fast-scan codes: an IVF search of every list restricted to these rows, so every one of them is
+        scored (from its PQ code, as _brute scores an IVF-PQ row; the caller re-ranks exactly).
+
+        Not reconstruct: in faiss 1.15.1 decoding a fast-scan base read back from a snapshot crashes the process.
+        A scan of every code costs about what decoding brute_limit rows does (docs/benchmarks.md)."""
+        base = self.base
+        assert base is not None
+        mask = np.zeros(base.rows, dtype=bool)
+        mask[rows] = True
+        bitmap = _bitmap(mask)
+        params = faiss.SearchParametersIVF()
+        params.nprobe = faiss.extract_index_ivf(base.index).nlist
+        # params.sel is a bare pointer: the selector and its bitmap must outlive the search.
+        sel = faiss.IDSelectorBitmap(base.rows, faiss.swig_ptr(bitmap))
+        params.sel = sel
+        if self.search_threads > 0:
+            faiss.omp_set_num_threads(self.search_threads)
+        scores, found = base.index.search(query, min(k, int(rows.shape[0])), params=params)
+        del sel, bitmap
+        keep = found[0] >= 0
+        return scores[0][keep], base.row_labels[found[0][keep]]
 
 
 def export_tail(space: SegmentedSpace) -> tuple[Labels, Matrix]:

@@ -30,7 +30,10 @@ class IndexSettings(ServerSettings):
     )
     # Approximate kinds per space (see ann.py and docs/benchmarks.md for why these): a space stays exact until it
     # holds ann_min_vectors vectors, then an approximate base is built in the background and swapped in.
-    visual_index: str = Field("IVFPQ", description="kind of the visual space: " + ", ".join(SPACE_KINDS))
+    # IVFPQFS (4-bit fast-scan codes) rather than IVFPQ: at 500k per shard, recall@10 0.989 for 2.9 ms of CPU a
+    # query, where IVF-PQ gave 0.953 for 7.9 ms (docs/benchmarks.md, "Fast-scan visual base"). A shard whose
+    # snapshot holds the other kind rebuilds from SQLite once at start; pin IVFPQ to keep an older snapshot.
+    visual_index: str = Field("IVFPQFS", description="kind of the visual space: " + ", ".join(SPACE_KINDS))
     semantic_index: str = Field("HNSW", description="kind of each semantic space: " + ", ".join(SPACE_KINDS))
     ann_min_vectors: int = Field(50_000, ge=1, description="vectors in a space before its approximate index is built")
     ann_merge_min: int = Field(10_000, ge=1, description="exact tail size that triggers merging it into the base")
@@ -40,11 +43,14 @@ class IndexSettings(ServerSettings):
     )
     hnsw_m: int = Field(32, ge=4, le=256, description="HNSW neighbours per node")
     hnsw_ef_construction: int = Field(128, ge=8, description="HNSW build-time beam width")
-    # 320 and 96: the cheapest settings with recall@10 >= 0.95 on the hard synthetic queries at 500k vectors per
-    # shard, with margin (256 and 32 gave 0.946-0.959 and 0.906-0.935 there; docs/benchmarks.md).
+    # 320 and 192: the cheapest settings with recall@10 >= 0.95 on the hard synthetic queries at 500k vectors per
+    # shard, with margin (efSearch 256 gave 0.946-0.959; the fast-scan visual base 0.973 at nprobe 96 and 0.989 at
+    # 192 for 0.3 ms more, margin against the training point's +-0.05; docs/benchmarks.md).
     hnsw_ef_search: int = Field(320, ge=1, description="HNSW search beam width (raised to k when k is larger)")
-    ivf_nprobe: int = Field(96, ge=1, description="IVF lists probed per visual search")
-    pq_dims_per_code: int = Field(8, ge=1, description="dimensions per PQ byte of the visual space")
+    ivf_nprobe: int = Field(192, ge=1, description="IVF lists probed per visual search")
+    pq_dims_per_code: int = Field(
+        8, ge=1, description="dimensions per PQ byte of the visual space (IVFPQFS: two 4-bit codes per byte)"
+    )
     rerank: int = Field(300, ge=0, description="visual (PQ) candidates re-ranked exactly from stored float16 vectors")
     filter_brute_limit: int = Field(
         20_000, ge=0, description="filters allowing at most this many base rows are scored exactly, not by ANN"
