@@ -53,18 +53,20 @@ def _arrays(vecs: Sequence[common_pb2.FloatVector | None]) -> list[Vector | None
     set: an error) goes through _array one by one.
     """
     out: list[Vector | None] = [None] * len(vecs)
-    groups: dict[int, list[int]] = {}
+    # By length: the positions and the packed bytes (each read of a bytes field copies it, so read it once).
+    groups: dict[int, tuple[list[int], list[bytes]]] = {}
     for n, vec in enumerate(vecs):
         if vec is None:
             continue
         f16 = vec.packed_f16
         if f16 and len(f16) % 2 == 0 and not vec.packed_f32 and not len(vec.values):
-            groups.setdefault(len(f16), []).append(n)
+            where, packed = groups.setdefault(len(f16), ([], []))
+            where.append(n)
+            packed.append(f16)
         else:
             out[n] = _array(vec)
-    for where in groups.values():
-        packed = b"".join(vecs[n].packed_f16 for n in where)  # type: ignore[union-attr]
-        rows = f16_matrix(packed, len(where))
+    for where, packed in groups.values():
+        rows = f16_matrix(b"".join(packed), len(where))
         for n, row in zip(where, rows, strict=True):
             out[n] = row
     return out

@@ -63,6 +63,8 @@ _HEAD_KEYS = ("head_epoch", "head_active", "head_building")
 # The WAL is checkpointed this long after a commit, and restarted (see _Checkpointer) once it holds this many
 # pages (4 KiB each: 64 MiB).
 _CHECKPOINT_DELAY_S = 0.5
+# json.dumps with options builds a new encoder per call; one shared encoder gives the same text.
+_metadata_json = json.JSONEncoder(ensure_ascii=False, sort_keys=True).encode
 _WAL_RESTART_FRAMES = 16384
 _LAST_SEMANTIC_KEY = "last_semantic_write_ms"
 
@@ -601,7 +603,7 @@ class Store:
             (
                 op.id,
                 int(op.visual is not None),
-                json.dumps(op.metadata, ensure_ascii=False, sort_keys=True),
+                _metadata_json(op.metadata),
                 op.source_name,
                 op.created_ms if op.created_ms > 0 else ts,
                 ts,
