@@ -132,6 +132,30 @@ def test_ann_kinds_reach_recall_against_exact_flat(tmp_path: Path, rng: np.rando
         idx.close(final_snapshot=False)
 
 
+def test_a_tail_is_merged_once_writes_stop(tmp_path: Path, rng: np.random.Generator) -> None:
+    # Below the merge thresholds a tail stays exact while writes come; once they stop for idle_merge_seconds
+    # it is folded into the base, so searches no longer scan it, and what it held is still found.
+    idx = ShardIndex(settings(tmp_path / "s", ann_idle_merge_seconds=0.3, ann_idle_merge_min=50))
+    try:
+        fill(idx, rng, 3000)
+        idx.build_indexes()
+        vis, sem = fill(idx, rng, 100, start=3000)
+        tails = idx.stats().exact_tail
+        assert len(tails) == 2 and all(100 <= t < 500 for t in tails.values()), tails
+        assert idx.build_indexes() == 0  # written just now: not idle
+        time.sleep(0.4)
+        assert idx.build_indexes() == 2  # the visual and the semantic tail
+        assert idx.stats().exact_tail == dict.fromkeys(tails, 0)
+        assert idx.search(Space.VISUAL, vis[5], 1).hits[0].id == "r3005"
+        assert idx.search(Space.SEMANTIC, sem[7], 1).hits[0].id == "r3007"
+        # Smaller than idle_merge_min: stays exact however long the shard is idle.
+        fill(idx, rng, 20, start=4000)
+        time.sleep(0.4)
+        assert idx.build_indexes() == 0
+    finally:
+        idx.close(final_snapshot=False)
+
+
 @pytest.mark.skipif(not hasattr(os, "getpriority"), reason="per-thread priorities are a Linux feature")
 def test_the_builder_thread_runs_nicer_than_the_shard(tmp_path: Path) -> None:
     idx = ShardIndex(settings(tmp_path / "s", background_build=True, build_nice=7))

@@ -76,9 +76,10 @@ class Builder:
         while not self._stop.is_set():
             with self._lock.read():
                 memory = self._memory
+                idle = self._idle()
                 spaces: list[tuple[str | None, SegmentedSpace]] = [(None, memory.visual)]
                 spaces += list(memory.semantic.items())
-                due = [(head, space, mode) for head, space in spaces if (mode := space.build_due()) is not None]
+                due = [(head, space, mode) for head, space in spaces if (mode := space.build_due(idle)) is not None]
             if not due:
                 return done
             head, space, mode = due[0]
@@ -103,9 +104,14 @@ class Builder:
 
         return read
 
+    def _idle(self) -> bool:
+        """Whether writes stopped long enough to fold small exact tails into their bases."""
+        wait = self._memory.visual.params.idle_merge_seconds
+        return wait > 0 and time.monotonic() - self._memory.last_write_s >= wait
+
     def _build(self, head: str | None, space: SegmentedSpace, mode: str) -> bool:
         with self._lock.read():
-            if space.build_due() is None:
+            if space.build_due(self._idle()) is None:
                 return False
             tail_labels, tail_vecs = export_tail(space)
             old = space.base

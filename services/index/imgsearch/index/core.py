@@ -543,6 +543,10 @@ class ShardIndex:
                     "visual": memory.visual.served_kind,
                     **{f"semantic:{h}": sp.served_kind for h, sp in memory.semantic.items()},
                 },
+                exact_tail={
+                    "visual": memory.visual.tail.ntotal,
+                    **{f"semantic:{h}": sp.tail.ntotal for h, sp in memory.semantic.items()},
+                },
             )
 
     # --- snapshots and lifecycle ---

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,9 @@ class Memory:
         self.snapshot_ms = 0
         self.wal = 0
         self.snapshot_needed = False
+        # time.monotonic() of the last write applied (start counts as one): the builder folds exact tails into
+        # their bases once writes stopped (AnnParams.idle_merge_seconds).
+        self.last_write_s = time.monotonic()
 
     def space(self, which: Space, tail: Any | None = None) -> SegmentedSpace:
         s = self.settings
@@ -142,3 +146,4 @@ class Memory:
                 self.ids[slot.id] = label
         self.applied_seq = delta.last_seq
         self.wal += delta.changes
+        self.last_write_s = time.monotonic()

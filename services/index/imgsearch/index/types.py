@@ -153,6 +153,8 @@ class ShardStats:
     wal_entries: int
     # "visual" / "semantic:<head>" -> what searches of that space use now ("Flat" until its ANN index is built).
     served_index_types: dict[str, str] = field(default_factory=dict)
+    # The same keys -> vectors in that space's exact tail (every search scans them; the builder merges them).
+    exact_tail: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
