@@ -331,6 +331,37 @@ def test_restart_keeps_the_ann_base_and_links_it_into_later_snapshots(
         idx.close(final_snapshot=False)
 
 
+def test_a_snapshot_made_under_another_visual_kind_still_serves_until_its_replacement_is_built(
+    tmp_path: Path, rng: np.random.Generator
+) -> None:
+    # The upgrade to the fast-scan default: the old IVF-PQ base keeps serving from the snapshot (no rebuild from
+    # SQLite, the semantic HNSW kept as it is), and the builder replaces it in the background.
+    idx = ShardIndex(settings(tmp_path / "s", visual_index="IVFPQ"))
+    vis, sem = fill(idx, rng, 3000)
+    idx.build_indexes()
+    idx.close()
+    idx = ShardIndex(settings(tmp_path / "s", visual_index="IVFPQFS"))
+    try:
+        assert idx.load_report.mode == "snapshot"
+        assert idx.stats().served_index_types == {"visual": "IVFPQ", f"semantic:{HEAD}": "HNSW"}
+        assert idx.search(Space.VISUAL, vis[10], 1).hits[0].id == "r10"
+        assert idx.build_indexes() == 1  # the visual base only
+        assert idx.stats().served_index_types == {"visual": "IVFPQFS", f"semantic:{HEAD}": "HNSW"}
+        ids = [f"r{i}" for i in range(3000)]
+        assert recall(idx, Space.VISUAL, vis, ids, near(rng, vis, 30)) >= 0.95
+        assert idx.search(Space.SEMANTIC, sem[11], 1).hits[0].id == "r11"
+    finally:
+        idx.close(final_snapshot=False)
+    # A space now configured exact cannot use an approximate base: that snapshot is rebuilt from SQLite.
+    idx = ShardIndex(settings(tmp_path / "s", visual_index="Flat"))
+    try:
+        assert idx.load_report.mode == "rebuild"
+        assert idx.stats().served_index_types["visual"] == "Flat"
+        assert idx.search(Space.VISUAL, vis[12], 1).hits[0].id == "r12"
+    finally:
+        idx.close(final_snapshot=False)
+
+
 def test_a_version_3_float32_database_is_migrated_to_float16(tmp_path: Path, rng: np.random.Generator) -> None:
     idx = ShardIndex(settings(tmp_path / "s"))
     vis, sem = fill(idx, rng, 50)

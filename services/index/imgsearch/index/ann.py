@@ -41,6 +41,7 @@ Scores = npt.NDArray[np.float32]
 SPACE_KINDS = ("Flat", "HNSW", "IVFPQ", "IVFPQFS")
 # Kinds whose base scores are PQ approximations: the shard re-ranks their candidates from the stored vectors.
 IVF_KINDS = ("IVFPQ", "IVFPQFS")
+APPROXIMATE_KINDS = ("HNSW", *IVF_KINDS)
 
 
 @dataclass(frozen=True)
@@ -267,6 +268,9 @@ class SegmentedSpace:
         p = self.params
         if self.base is None:
             return "full" if self.tail.ntotal >= p.min_vectors else None
+        if self.base.kind != self.kind:
+            # Loaded from a snapshot made under another kind: it serves until its replacement is built.
+            return "full"
         if self.base.rows and self.dead >= p.rebuild_dead_fraction * self.base.rows:
             return "full"
         if self.base.kind in IVF_KINDS and self.ntotal >= 4 * max(1, self.base.trained_rows):

@@ -31,8 +31,8 @@ class IndexSettings(ServerSettings):
     # Approximate kinds per space (see ann.py and docs/benchmarks.md for why these): a space stays exact until it
     # holds ann_min_vectors vectors, then an approximate base is built in the background and swapped in.
     # IVFPQFS (4-bit fast-scan codes) rather than IVFPQ: at 500k per shard, recall@10 0.989 for 2.9 ms of CPU a
-    # query, where IVF-PQ gave 0.953 for 7.9 ms (docs/benchmarks.md, "Fast-scan visual base"). A shard whose
-    # snapshot holds the other kind rebuilds from SQLite once at start; pin IVFPQ to keep an older snapshot.
+    # query, where IVF-PQ (nprobe 96) gave 0.973 for 8.8 ms (docs/benchmarks.md, "Fast-scan visual base").
+    # A base of the other kind read from a snapshot keeps serving until the builder has replaced it.
     visual_index: str = Field("IVFPQFS", description="kind of the visual space: " + ", ".join(SPACE_KINDS))
     semantic_index: str = Field("HNSW", description="kind of each semantic space: " + ", ".join(SPACE_KINDS))
     ann_min_vectors: int = Field(50_000, ge=1, description="vectors in a space before its approximate index is built")

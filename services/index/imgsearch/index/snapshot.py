@@ -30,7 +30,7 @@ from typing import Any, BinaryIO
 import faiss
 import numpy as np
 
-from imgsearch.index.ann import Base
+from imgsearch.index.ann import APPROXIMATE_KINDS, Base
 from imgsearch.index.store import now_ms
 
 log = logging.getLogger(__name__)
@@ -176,8 +176,13 @@ def _write_base(base: Base, alive: Any, directory: Path, stem: str) -> dict[str,
 
 
 def _read_base(path: Path, entry: dict[str, Any], kind: str, dim: int) -> tuple[Base, Any]:
-    if entry.get("kind") != kind:
-        raise SnapshotError(f"{path.name}: a {entry.get('kind')} base, but the space is configured {kind}")
+    saved = entry.get("kind")
+    # A base of another approximate kind (the settings changed, or the default did on an upgrade) still serves:
+    # the builder replaces it in the background (SegmentedSpace.build_due). Only a space now configured exact
+    # cannot use one: its records would have to come back into the exact tail, which a rebuild does.
+    if saved != kind and (kind not in APPROXIMATE_KINDS or saved not in APPROXIMATE_KINDS):
+        raise SnapshotError(f"{path.name}: a {saved} base, but the space is configured {kind}")
+    kind = str(saved)
     index = _read_index(path / entry["file"], int(entry["bytes"]), int(entry["crc32"]))
     data = (path / entry["rows_file"]).read_bytes()
     if len(data) != int(entry["rows_bytes"]) or zlib.crc32(data) != int(entry["rows_crc32"]):
