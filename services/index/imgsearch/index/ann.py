@@ -51,10 +51,10 @@ class AnnParams:
     # The exact tail holds float32 vectors (6.5 KB per record for both spaces): kept to 5 % of the base so that it
     # costs at most ~330 B per record on top of the base (docs/benchmarks.md, RAM per image).
     merge_ratio: float = 0.05
-    # Once no write came for idle_merge_seconds, a tail of at least idle_merge_min vectors is merged too: every
-    # search scans the tail exactly (12k visual vectors: 3.3 ms a query on one core, more than the fast-scan
-    # base of 500k), while a bulk load keeps the large thresholds above, so merges stay rare while it writes.
-    idle_merge_seconds: float = 30.0
+    # Once writes stopped (the builder's call: IndexSettings.ann_idle_merge_seconds), a tail of at least
+    # idle_merge_min vectors is merged too: every search scans the tail exactly (12k visual vectors: 3.3 ms a
+    # query on one core, more than the fast-scan base of 500k), while a bulk load keeps the large thresholds
+    # above, so merges stay rare while it writes.
     idle_merge_min: int = 1_000
     rebuild_dead_fraction: float = 0.25
     hnsw_m: int = 32
@@ -343,7 +343,11 @@ class SegmentedSpace:
             self._brute(query, int(rows_found.shape[0]), rows_found) if rows_found.shape[0] else (scores[:0], found[:0])
         )
 
-    def _ann(self, query: Matrix, k: int, mask: npt.NDArray[np.bool_] | None) -> tuple[Scores, Labels]:
+    def _ann(
+        self, query: Matrix, k: int, mask: npt.NDArray[np.bool_] | None, nprobe: int | None = None
+    ) -> tuple[Scores, Labels]:
+        """The base's own search, restricted to the rows set in `mask` (None: all); IVF probes `nprobe` lists
+        (None: the configured ivf_nprobe)."""
         base = self.base
         assert base is not None
         bitmap = _bitmap(mask) if mask is not None else None
@@ -353,7 +357,7 @@ class SegmentedSpace:
             params.efSearch = max(self.params.hnsw_ef_search, k)
         else:
             params = faiss.SearchParametersIVF()
-            params.nprobe = self.params.ivf_nprobe
+            params.nprobe = self.params.ivf_nprobe if nprobe is None else nprobe
         if sel is not None:
             params.sel = sel
         if self.search_threads > 0:
@@ -385,18 +389,9 @@ class SegmentedSpace:
         assert base is not None
         mask = np.zeros(base.rows, dtype=bool)
         mask[rows] = True
-        bitmap = _bitmap(mask)
-        params = faiss.SearchParametersIVF()
-        params.nprobe = faiss.extract_index_ivf(base.index).nlist
-        # params.sel is a bare pointer: the selector and its bitmap must outlive the search.
-        sel = faiss.IDSelectorBitmap(base.rows, faiss.swig_ptr(bitmap))
-        params.sel = sel
-        if self.search_threads > 0:
-            faiss.omp_set_num_threads(self.search_threads)
-        scores, found = base.index.search(query, min(k, int(rows.shape[0])), params=params)
-        del sel, bitmap
-        keep = found[0] >= 0
-        return scores[0][keep], base.row_labels[found[0][keep]]
+        scores, found = self._ann(query, k, mask, nprobe=faiss.extract_index_ivf(base.index).nlist)
+        keep = found >= 0
+        return scores[keep], base.row_labels[found[keep]]
 
 
 def export_tail(space: SegmentedSpace) -> tuple[Labels, Matrix]:

@@ -106,7 +106,7 @@ class Builder:
 
     def _idle(self) -> bool:
         """Whether writes stopped long enough to fold small exact tails into their bases."""
-        wait = self._memory.visual.params.idle_merge_seconds
+        wait = self._memory.settings.ann_idle_merge_seconds
         return wait > 0 and time.monotonic() - self._memory.last_write_s >= wait
 
     def _build(self, head: str | None, space: SegmentedSpace, mode: str) -> bool:

@@ -402,13 +402,15 @@ class ShardIndex:
                     for sc, lb in zip(scores.tolist(), labels.tolist(), strict=True)
                     if lb in slots and lb not in excluded
                 ]
-            # Below this PQ score no row was re-ranked; their exact scores are at most floor + the PQ error.
+            # Below this PQ score no row was re-ranked; their exact scores are at most floor + the PQ error. Only a
+            # cursor page uses them (below), so other searches do not pay for them.
             floor, error = math.inf, 0.0
             if rerank and named:
-                approx = {lb: sc for lb, sc, _ in named}
-                floor = min(approx.values())
+                approx = {lb: sc for lb, sc, _ in named} if after is not None else {}
                 named = self._rescored(named, q[0])
-                error = max((abs(sc - approx[lb]) for lb, sc, _ in named), default=0.0)
+                if approx:
+                    floor = min(approx.values())
+                    error = max((abs(sc - approx[lb]) for lb, sc, _ in named), default=0.0)
             named.sort(key=lambda t: (-t[1], t[2]))
             exhausted = depth >= total or len(scores) < min(deep, total)
             passing = [

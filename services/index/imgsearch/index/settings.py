@@ -108,7 +108,6 @@ class IndexSettings(ServerSettings):
         return AnnParams(
             min_vectors=self.ann_min_vectors,
             merge_min=self.ann_merge_min,
-            idle_merge_seconds=self.ann_idle_merge_seconds,
             idle_merge_min=self.ann_idle_merge_min,
             merge_ratio=self.ann_merge_ratio,
             rebuild_dead_fraction=self.ann_rebuild_dead_fraction,

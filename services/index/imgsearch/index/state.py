@@ -52,7 +52,7 @@ class Memory:
         self.wal = 0
         self.snapshot_needed = False
         # time.monotonic() of the last write applied (start counts as one): the builder folds exact tails into
-        # their bases once writes stopped (AnnParams.idle_merge_seconds).
+        # their bases once writes stopped (IndexSettings.ann_idle_merge_seconds).
         self.last_write_s = time.monotonic()
 
     def space(self, which: Space, tail: Any | None = None) -> SegmentedSpace:

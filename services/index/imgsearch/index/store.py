@@ -63,10 +63,10 @@ _HEAD_KEYS = ("head_epoch", "head_active", "head_building")
 # The WAL is checkpointed this long after a commit, and restarted (see _Checkpointer) once it holds this many
 # pages (4 KiB each: 64 MiB).
 _CHECKPOINT_DELAY_S = 0.5
-# json.dumps with options builds a new encoder per call; one shared encoder gives the same text.
-_metadata_json = json.JSONEncoder(ensure_ascii=False, sort_keys=True).encode
 _WAL_RESTART_FRAMES = 16384
 _LAST_SEMANTIC_KEY = "last_semantic_write_ms"
+# json.dumps with options builds a new encoder per call; one shared encoder gives the same text.
+_metadata_json = json.JSONEncoder(ensure_ascii=False, sort_keys=True).encode
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
