@@ -7,8 +7,9 @@
    streaming add): Flickr8k test photos when ../shared/data/flickr8k exists, else scikit-image's sample photos
    resized to 224 px. The fp32 anchor is measured again right after, with the stack idle.
 3. 12 MP camera photos (4000x3000 JPEGs made from the sample photos by upscaling) end to end through the stack.
-4. Search by id (k=10, 2 shards) with 8 callers against a bare grpc.aio echo server (one process, the same
-   sync client and 8 threads), echo measured before and after.
+4. Search by id, then by text (k=10, 2 shards; a different text each call), with 8 callers against a bare
+   grpc.aio echo server (one process, the same sync client and 8 threads), echo measured before and after; each
+   with the CPU seconds every process spent meanwhile.
 
     python benchmarks/bench_ingest.py                   # about 2-3 minutes on 2 vCPUs
     python benchmarks/bench_ingest.py --images 200 --camera 60 --seconds 3   # quick
@@ -115,6 +116,10 @@ def model_rate(sessions: list[object], pixels: np.ndarray, seconds: float) -> fl
     for t in threads:
         t.join()
     return sum(count) / (time.perf_counter() - t0)
+
+
+# Query texts for search by text: a different one each call, so no layer can answer from a cache.
+WORDS = ("dog", "cat", "man", "woman", "child", "beach", "street", "ball", "snow", "bike")
 
 
 # ---- echo server -----------------------------------------------------------------------------------------
@@ -276,6 +281,20 @@ def main(argv: list[str] | None = None) -> int:
                     by_id = qps(lambda: client.similar(ids[next(counter) % len(ids)], k=10), args.callers, args.seconds)
                     by_id_s = time.perf_counter() - t_id
                     lines.append(f"CPU seconds during search by id: {cpu_split(cpu0, cpu_seconds(pids), by_id_s)}")
+                    counter = iter(range(10**9))
+
+                    def text() -> object:
+                        i = next(counter)
+                        return client.search_text(f"a {WORDS[i % 10]} and a {WORDS[(i // 10) % 10]} {i}", k=10)
+
+                    cpu0, t_text = cpu_seconds(pids), time.perf_counter()
+                    by_text = qps(text, args.callers, args.seconds)
+                    text_s, cpu1 = time.perf_counter() - t_text, cpu_seconds(pids)
+                    per_call = sum(cpu1[k] - cpu0[k] for k in cpu0) / (by_text * text_s) * 1000
+                    lines.append(
+                        f"CPU seconds during search by text: {cpu_split(cpu0, cpu1, text_s)}"
+                        f" ({per_call:.1f} ms of CPU per call)"
+                    )
                     echo_after = qps(lambda: echo_call(payload, timeout=10), args.callers, args.seconds)
                 echo_mean = (echo_before + echo_after) / 2
                 rows.append(
@@ -290,6 +309,13 @@ def main(argv: list[str] | None = None) -> int:
                         f"search by id (k=10, 2 shards), {args.callers} callers",
                         f"{by_id:.0f} q/s",
                         f"{by_id / echo_mean:.2f}",
+                    )
+                )
+                rows.append(
+                    (
+                        f"search by text (k=10, 2 shards), {args.callers} callers",
+                        f"{by_text:.0f} q/s",
+                        f"{by_text / echo_mean:.2f}",
                     )
                 )
         finally:
