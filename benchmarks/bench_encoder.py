@@ -96,7 +96,7 @@ async def run(args: argparse.Namespace) -> tuple[list[Row], tuple[str, ...]]:
         providers=args.providers,
         intra_op_threads=args.threads,
         image_workers=args.workers,
-        max_batch=max(32, *args.batch_sizes),
+        max_batch=args.max_batch or max(32, *args.batch_sizes),
         max_wait_ms=args.max_wait_ms,
     )
     encoder = await asyncio.to_thread(Encoder, settings)
@@ -142,13 +142,25 @@ async def run(args: argparse.Namespace) -> tuple[list[Row], tuple[str, ...]]:
             await asyncio.gather(*(encoder.encode_images(one) for _ in range(concurrency)))
             return concurrency
 
-        before = encoder.image_batcher.stats.batches, encoder.image_batcher.stats.items
-        row = await measure(f"{concurrency} concurrent 1-image requests", 1, concurrent_singles, args.seconds, 3)
-        batches = encoder.image_batcher.stats.batches - before[0]
-        row.case += f" (mean batch {(encoder.image_batcher.stats.items - before[1]) / max(batches, 1):.1f})"
-        rows.append(row)
+        one_pixels = [pixels[0]]
 
-        rows += await text_rows(encoder, settings, args.seconds / 2)
+        async def concurrent_pixels() -> int:
+            # The batcher alone: decoded pixels from many callers, one image each, batched dynamically.
+            await asyncio.gather(*(encoder.image_batcher.submit(one_pixels) for _ in range(concurrency)))
+            return concurrency
+
+        for label, call in (
+            (f"{concurrency} concurrent 1-image requests", concurrent_singles),
+            (f"{concurrency} concurrent 1-image model calls (pixels; no decode)", concurrent_pixels),
+        ):
+            before = encoder.image_batcher.stats.batches, encoder.image_batcher.stats.items
+            row = await measure(label, 1, call, args.seconds, 3)
+            batches = encoder.image_batcher.stats.batches - before[0]
+            row.case += f" (mean batch {(encoder.image_batcher.stats.items - before[1]) / max(batches, 1):.1f})"
+            rows.append(row)
+
+        if not args.skip_text:
+            rows += await text_rows(encoder, settings, args.seconds / 2)
     finally:
         await encoder.close()
     return rows, encoder.providers
@@ -323,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=4.0, help="time budget per case")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--max-batch", type=int, default=0, help="the batcher's largest batch (0 = largest size)")
+    parser.add_argument("--skip-text", action="store_true", help="image rows only (no text model timings)")
     parser.add_argument(
         "--text-service",
         action="store_true",
