@@ -13,11 +13,13 @@
 
     python benchmarks/bench_ingest.py                   # about 2-3 minutes on 2 vCPUs
     python benchmarks/bench_ingest.py --images 200 --camera 60 --seconds 3   # quick
+    python benchmarks/bench_ingest.py --configs on "off|IMGSEARCH_GATEWAY_THUMBNAILS=false"   # settings A/B
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import platform
@@ -27,7 +29,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -182,6 +184,50 @@ def qps(call: Callable[[], object], callers: int, seconds: float) -> float:
     return sum(counts) / (time.perf_counter() - t0)
 
 
+@contextlib.contextmanager
+def local_stack() -> Iterator[tuple[str, dict[str, int]]]:
+    """A real local stack (encoder, tagger, 2 index shards, gateway): its gateway address and process ids."""
+    with tempfile.TemporaryDirectory() as tmp:
+        stack = Stack(Path(tmp))
+        specs = stack.up(free_port_range(20), free_port_range(20), shards=2, timeout=300)
+        gateway = next(s for s in specs if s.name == "gateway").address
+        pids: dict[str, int] = {}
+        for spec in stack.load():
+            pids[spec.name if spec.name not in pids else f"{spec.name}-{spec.pid}"] = spec.pid
+        try:
+            yield gateway, pids
+        finally:
+            stack.down()
+
+
+def ingest_configs(configs: list[str], photos: list[bytes], passes: int) -> list[str]:
+    """The 224-px ingest alone, through a fresh stack per configuration, `passes` times each.
+
+    A configuration is LABEL[|NAME=VALUE...]: environment variables the stack's services start with, so
+    settings are compared in one run (e.g. `off|IMGSEARCH_GATEWAY_THUMBNAILS=false`).
+    """
+    lines = ["| configuration | pass | images/s | CPU seconds per process |", "|---|---:|---:|---|"]
+    for config in configs:
+        label, *pairs = config.split("|")
+        saved = dict(os.environ)
+        os.environ.update(dict(pair.partition("=")[::2] for pair in pairs))
+        try:
+            with local_stack() as (gateway, pids), GatewayClient(gateway, timeout=600) as client:
+                client.add_images(ImageToAdd(photos[i % len(photos)], f"warm-{i}") for i in range(2 * BATCH))
+                for r in range(passes):
+                    cpu0, t0 = cpu_seconds(pids), time.perf_counter()
+                    outcomes = client.add_images(ImageToAdd(d, f"p{r}-{i}") for i, d in enumerate(photos))
+                    took = time.perf_counter() - t0
+                    assert all(o.ok for o in outcomes), [o for o in outcomes if not o.ok][:3]
+                    cpu = cpu_split(cpu0, cpu_seconds(pids), took)
+                    lines.append(f"| {label} | {r + 1} | {len(photos) / took:.1f} | {cpu} |")
+                    print(lines[-1], file=sys.stderr, flush=True)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=1000, help="224-px photos to ingest")
@@ -194,6 +240,13 @@ def main(argv: list[str] | None = None) -> int:
         default=CPU,
         help="comma-separated, best first: the anchor's session and the stack's encoder (IMGSEARCH_ENCODER_PROVIDERS)",
     )
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        metavar="LABEL[|NAME=VALUE...]",
+        help="instead: only the 224-px ingest, through a fresh stack per configuration (environment for the stack)",
+    )
+    p.add_argument("--passes", type=int, default=2, help="ingests per configuration (--configs)")
     args = p.parse_args(argv)
     providers = tuple(args.providers.split(","))
     on_gpu = any(p in GPU_PROVIDERS for p in providers)
@@ -206,6 +259,19 @@ def main(argv: list[str] | None = None) -> int:
     int8_file = args.model_dir / manifest.image_int8.file if manifest.image_int8 else None
 
     photos, source = photos_224(args.images)
+    if args.configs:
+        out = [f"224-px photos: {source}; providers {args.providers}", ""]
+        out += ingest_configs(args.configs, photos, args.passes)
+        out.append("")
+        out.append(
+            f"{platform.processor() or platform.machine()}, {cpus} CPUs, Python {platform.python_version()}; "
+            f"took {time.perf_counter() - started:.0f} s"
+        )
+        out.append(
+            f"command: python {shlex.join(['benchmarks/bench_ingest.py', *(sys.argv[1:] if argv is None else argv)])}"
+        )
+        print("\n".join(out))
+        return 0
     pixels = np.stack([decode_image(d, manifest.image_size, ImageLimits()).pixels for d in photos[:BATCH]])
     lines: list[str] = []
     rows: list[tuple[str, str, str]] = []
@@ -234,13 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         decode_image(d, manifest.image_size, ImageLimits())
     decode_ms = (time.perf_counter() - t0) / 6 * 1000
 
-    with tempfile.TemporaryDirectory() as tmp:
-        stack = Stack(Path(tmp))
-        specs = stack.up(free_port_range(20), free_port_range(20), shards=2, timeout=300)
-        gateway = next(s for s in specs if s.name == "gateway").address
-        pids: dict[str, int] = {}
-        for spec in stack.load():
-            pids[spec.name if spec.name not in pids else f"{spec.name}-{spec.pid}"] = spec.pid
+    with local_stack() as (gateway, pids):
         echo_port = free_port_range(1)
         echo = subprocess.Popen(
             [sys.executable, __file__, "--echo-server", str(echo_port)], stdout=subprocess.PIPE, text=True
@@ -333,7 +393,6 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             echo.terminate()
             echo.wait(10)
-            stack.down()
 
     lines.insert(0, f"224-px photos: {source}")
     lines.append("")

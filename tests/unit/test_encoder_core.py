@@ -372,6 +372,7 @@ def test_settings_become_runtime_options(model_dir: Path, tmp_path: Path) -> Non
         graph_optimization="extended",
         device_id=1,
         trt_cache_dir=tmp_path,
+        cudnn_conv_algo_search="HEURISTIC",
     )
     assert settings.runtime_options() == RuntimeOptions(
         providers=("CUDAExecutionProvider", "CPUExecutionProvider"),
@@ -380,6 +381,7 @@ def test_settings_become_runtime_options(model_dir: Path, tmp_path: Path) -> Non
         graph_optimization="extended",
         device_id=1,
         trt_cache_dir=tmp_path,
+        cudnn_conv_algo_search="HEURISTIC",
     )
     assert make_settings(model_dir).runtime_options() == RuntimeOptions()
 
@@ -401,3 +403,43 @@ def test_no_batching_window_on_cpu_unless_set() -> None:
     assert batch_wait_ms(None, on_gpu=True) == GPU_MAX_WAIT_MS > 0
     assert batch_wait_ms(7.5, on_gpu=False) == 7.5
     assert batch_wait_ms(0.0, on_gpu=True) == 0.0
+
+
+def test_image_batches_have_one_shape_on_gpu_unless_set() -> None:
+    from imgsearch.encoder.core import fixed_batch_size
+
+    # On a GPU every new batch size rebuilds the convolution plans; on CPU padding rows are pure cost.
+    assert fixed_batch_size("auto", 32, on_gpu=True) == 32
+    assert fixed_batch_size("auto", 32, on_gpu=False) == 0
+    assert fixed_batch_size("on", 16, on_gpu=False) == 16
+    assert fixed_batch_size("off", 32, on_gpu=True) == 0
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_fixed_batch_runs_one_shape_and_returns_each_images_own_result(
+    encoder: Encoder, model_dir: Path, sample_photos: dict[str, bytes]
+) -> None:
+    fixed = await asyncio.to_thread(Encoder, make_settings(model_dir, fixed_batch="on", max_batch=8))
+    try:
+        assert fixed.fixed_batch == 8 and encoder.fixed_batch == 0
+        shapes: list[tuple[int, ...]] = []
+        for model in fixed.image_models:
+            run = model.run
+
+            def spy(pixels: np.ndarray, run: object = run) -> object:
+                shapes.append(pixels.shape)
+                return run(pixels)  # type: ignore[operator]
+
+            model.run = spy  # type: ignore[method-assign,assignment]
+        items = [ImageItem(data, name) for name, data in sample_photos.items()][:3]
+        for n in (1, 3):
+            padded = await fixed.encode_images(items[:n])
+            plain = await encoder.encode_images(items[:n])
+            assert len(padded) == n
+            for a, b in zip(padded, plain, strict=True):
+                assert isinstance(a, ImageEncoding) and isinstance(b, ImageEncoding)
+                np.testing.assert_allclose(a.features, b.features, atol=1e-4)
+                np.testing.assert_allclose(a.logits, b.logits, atol=1e-3)
+        assert shapes and {s[0] for s in shapes} == {8}
+    finally:
+        await fixed.close()

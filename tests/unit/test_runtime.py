@@ -54,9 +54,16 @@ def test_cuda_requested_on_a_cpu_build_gives_cpu_only() -> None:
 def test_cuda_available_comes_first_with_its_device() -> None:
     plan = plan_providers(DEFAULT_PROVIDERS, [CPU, CUDA], RuntimeOptions(device_id=1))
     assert plan.providers == (CUDA, CPU)
-    assert plan.options_for(CUDA) == {"device_id": "1"}
+    assert plan.options_for(CUDA) == {"device_id": "1", "cudnn_conv_algo_search": "EXHAUSTIVE"}
     assert plan.options_for(CPU) == {}
     assert plan.skipped == (TENSORRT,)
+
+
+def test_cuda_convolution_algorithm_search_is_configurable() -> None:
+    # EXHAUSTIVE (ONNX Runtime's default) benchmarks again at every new batch size, which dynamic batching makes.
+    chosen = plan_providers([CUDA], [CUDA], RuntimeOptions(cudnn_conv_algo_search="HEURISTIC"))
+    assert chosen.options_for(CUDA)["cudnn_conv_algo_search"] == "HEURISTIC"
+    assert plan_providers([CUDA], [CUDA], RuntimeOptions()).options_for(CUDA)["cudnn_conv_algo_search"] == "EXHAUSTIVE"
 
 
 def test_tensorrt_gets_its_engine_cache_and_falls_back_to_cuda_then_cpu(tmp_path: Path) -> None:
@@ -70,7 +77,7 @@ def test_tensorrt_gets_its_engine_cache_and_falls_back_to_cuda_then_cpu(tmp_path
         "trt_timing_cache_enable": "True",
         "trt_timing_cache_path": str(tmp_path / "trt"),
     }
-    assert plan.options_for(CUDA) == {"device_id": "0"}
+    assert plan.options_for(CUDA) == {"device_id": "0", "cudnn_conv_algo_search": "EXHAUSTIVE"}
     # Without a cache directory TensorRT gets no cache options (engines are rebuilt at each start).
     assert plan_providers([TENSORRT], [TENSORRT], RuntimeOptions()).options == ({"device_id": "0"},)
 

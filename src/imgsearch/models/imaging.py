@@ -12,7 +12,7 @@ from typing import Final
 
 import numpy as np
 import numpy.typing as npt
-from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
 from imgsearch.kit.errors import InvalidArgument
 
@@ -301,16 +301,21 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def thumbnail_jpeg(rgb: Image.Image, px: int, what: str = "image") -> bytes:
-    """A JPEG of the RGB image, longer side at most px (Lanczos, as Image.thumbnail); b"" if it cannot be made.
+    """A JPEG of the RGB image, longer side at most px (bicubic, as Image.thumbnail); b"" if it cannot be made.
 
     The one recipe for a record's thumbnail, whether the encoder makes it (decode_image's thumbnail_px) or the
     gateway does for an older encoder (gateway.thumbnails.make_thumbnail).
     """
     try:
-        # ImageOps.contain resizes into a new image (Image.thumbnail would need a copy of the draft-reduced image
-        # first, 500x375 for a 12 MP JPEG, to leave the model input alone); smaller images are kept as they are.
-        fits = rgb.width <= px and rgb.height <= px
-        small = rgb if fits else ImageOps.contain(rgb, (px, px), Image.Resampling.LANCZOS)
+        # Pillow's own thumbnail recipe (bicubic, reducing_gap 2), into a new image: Image.thumbnail works in place
+        # and would need a copy first, to leave the model input alone. Lanczos, used before, cost 0.9 ms of the
+        # encoder's CPU per 224-px photo against 0.6 ms, and 2.1 against 1.4 ms from a 12 MP photo's 500x375
+        # draft, for thumbnails 0.9 grey levels apart on average (Flickr8k, 100 photos).
+        small = rgb
+        if rgb.width > px or rgb.height > px:
+            scale = min(px / rgb.width, px / rgb.height)
+            size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
+            small = rgb.resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0)
         out = io.BytesIO()
         small.save(out, format="JPEG", quality=THUMBNAIL_QUALITY, optimize=True)
         return out.getvalue()

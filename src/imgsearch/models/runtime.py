@@ -35,6 +35,7 @@ ImagePrecision = Precision
 TextPrecision = Precision
 GPU_PROVIDERS: Final = frozenset({"TensorrtExecutionProvider", "CUDAExecutionProvider"})
 ExecutionMode = Literal["sequential", "parallel"]
+ConvAlgoSearch = Literal["HEURISTIC", "EXHAUSTIVE", "DEFAULT"]
 _GRAPH_LEVELS: Final = {
     "disabled": "ORT_DISABLE_ALL",
     "basic": "ORT_ENABLE_BASIC",
@@ -64,6 +65,7 @@ class RuntimeOptions:
     graph_optimization: GraphOptimization = "all"
     device_id: int = 0
     trt_cache_dir: Path | None = None
+    cudnn_conv_algo_search: ConvAlgoSearch = "EXHAUSTIVE"
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,11 @@ def provider_options(provider: str, options: RuntimeOptions) -> dict[str, str]:
             }
         return opts
     if provider == CUDA:
-        return {"device_id": str(options.device_id)}
+        # EXHAUSTIVE (ONNX Runtime's default) benchmarks cuDNN's convolution algorithms again whenever the input
+        # shape changes, as dynamic batching makes it do unless the encoder pads batches to one size (its
+        # FIXED_BATCH). On an H200 fed fast enough for batches to vary, ingest ran at 36 images/s with it and 64
+        # with HEURISTIC (docs/benchmarks.md); which serves a steady shape faster was not measured.
+        return {"device_id": str(options.device_id), "cudnn_conv_algo_search": options.cudnn_conv_algo_search}
     return {}
 
 

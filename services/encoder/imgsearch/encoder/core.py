@@ -111,6 +111,19 @@ TextResult = Vector | ImgsearchError
 GPU_MAX_WAIT_MS = 5.0
 
 
+def fixed_batch_size(setting: str, max_batch: int, on_gpu: bool) -> int:
+    """The one batch size every image model call is padded to, or 0 to run batches as they come.
+
+    ONNX Runtime's CUDA convolutions keep the plan of the last input shape only, and rebuild it when the batch
+    size changes, which dynamic batching does from call to call. On an H200, ingest fell from about 700 to
+    36-64 images/s when photos reached the model faster, which points there (docs/benchmarks.md); a fixed shape
+    never rebuilds. On CPU a padded row costs as much as a real one, so auto pads only on a GPU.
+    """
+    if setting == "on" or (setting == "auto" and on_gpu):
+        return max_batch
+    return 0
+
+
 def batch_wait_ms(configured: float | None, on_gpu: bool) -> float:
     """How long a micro-batch waits after its first item: the setting if given, else 0 on CPU, 5 ms on GPU.
 
@@ -152,6 +165,7 @@ class Encoder:
             ImageModel(model_dir, manifest=self.image_model.manifest, plan=self.image_plan, limits=self.limits)
             for _ in range(workers - 1)
         ]
+        self.fixed_batch = fixed_batch_size(settings.fixed_batch, settings.max_batch, self.image_model.on_gpu)
         self._free_models: queue.SimpleQueue[ImageModel] = queue.SimpleQueue()
         for model in self.image_models:
             self._free_models.put(model)
@@ -169,6 +183,7 @@ class Encoder:
                 "providers": list(self.providers),
                 "image_workers": workers,
                 "image_intra_op_threads": intra,
+                "image_fixed_batch": self.fixed_batch,
                 "text_variant": self.text_model.variant,
                 "text_variant_reason": self.text_choice.reason,
                 "text_model": self.text_model.version,
@@ -241,9 +256,14 @@ class Encoder:
     def infer_images(self, batch: list[Pixels]) -> list[tuple[Vector, Vector]]:
         """(features, logits) per decoded image, in one model call."""
         # The batcher runs at most one batch per session at a time, so a free session is always waiting.
+        pixels = np.stack(batch)
+        if len(batch) < self.fixed_batch:
+            # Zero images fill the batch to its one shape; their outputs are dropped below.
+            padding = np.zeros((self.fixed_batch - len(batch), *pixels.shape[1:]), pixels.dtype)
+            pixels = np.concatenate([pixels, padding])
         model = self._free_models.get()
         try:
-            features, logits = model.run(np.stack(batch))
+            features, logits = model.run(pixels)
         finally:
             self._free_models.put(model)
         return [(features[i].copy(), logits[i].copy()) for i in range(len(batch))]
@@ -256,7 +276,8 @@ class Encoder:
     def warm_up(self) -> None:
         """One inference per model, so the first real request does not pay for allocation and tuning."""
         size = self.manifest.image_size
-        grey = np.full((1, size, size, 3), 128, dtype=np.uint8)
+        # With a fixed batch size, that one shape is the one to warm up.
+        grey = np.full((max(1, self.fixed_batch), size, size, 3), 128, dtype=np.uint8)
         for model in self.image_models[1:]:
             model.run(grey)
         features, logits = self.infer_images([grey[0]])[0]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
@@ -12,6 +12,7 @@ from imgsearch.kit.settings import ServerSettings
 from imgsearch.models.manifest import MANIFEST_NAME, default_model_dir
 from imgsearch.models.runtime import (
     DEFAULT_PROVIDERS,
+    ConvAlgoSearch,
     GraphOptimization,
     ImagePrecision,
     RuntimeOptions,
@@ -21,6 +22,10 @@ from imgsearch.models.runtime import (
 # Pillow refuses to open anything above twice its MAX_IMAGE_PIXELS (89,478,485) before we can
 # look at it, so a larger configured limit would be a promise the decoder cannot keep.
 PILLOW_HARD_PIXEL_LIMIT = 2 * 89_478_485
+
+
+# See EncoderSettings.fixed_batch.
+FixedBatch = Literal["auto", "on", "off"]
 
 
 class EncoderSettings(ServerSettings):
@@ -50,6 +55,11 @@ class EncoderSettings(ServerSettings):
     trt_cache_dir: Path | None = Field(
         None, description="TensorRT engine and timing cache directory (unset: engines are rebuilt at every start)"
     )
+    cudnn_conv_algo_search: ConvAlgoSearch = Field(
+        "EXHAUSTIVE",
+        description="how the CUDA provider picks convolution algorithms: EXHAUSTIVE (ONNX Runtime's default: "
+        "benchmarks them again at every new batch size), HEURISTIC (cuDNN's heuristics, no benchmarking) or DEFAULT",
+    )
     image_precision: ImagePrecision = Field(
         "auto",
         description="image model: auto (int8 on CPU when its quality gate passed, else fp32), fp32 or int8",
@@ -66,6 +76,11 @@ class EncoderSettings(ServerSettings):
         "TEXT_THREADS_DEFAULT on CPU and ONNX Runtime's default on GPU)",
     )
     max_batch: int = Field(32, ge=1, le=1024, description="most items one model call takes")
+    fixed_batch: FixedBatch = Field(
+        "auto",
+        description="pad every image batch to MAX_BATCH, so the image model sees one input shape: auto (on when "
+        "the image model runs on a GPU, where every new batch size rebuilds the convolution plans), on, or off",
+    )
     max_wait_ms: float | None = Field(
         None,
         ge=0,
@@ -99,6 +114,7 @@ class EncoderSettings(ServerSettings):
             graph_optimization=self.graph_optimization,
             device_id=self.device_id,
             trt_cache_dir=self.trt_cache_dir,
+            cudnn_conv_algo_search=self.cudnn_conv_algo_search,
         )
 
     @field_validator("providers", mode="before")
