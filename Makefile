@@ -111,11 +111,12 @@ eval: $(MODEL_STAMP)  ## evaluate ConSE and every head; prints the table, writes
 		--heads heads training/cache/runs --tta --json docs/evaluation.json --markdown docs/evaluation.md \
 		--plot docs/img/training_curves.png --objects $(dir $(FLICKR8K))
 
+# On a GPU machine: make bench BENCH_PROVIDERS=CUDAExecutionProvider,CPUExecutionProvider
 bench: $(MODEL_STAMP)  ## run the benchmarks (results go in docs/benchmarks.md by hand, with the command)
-	$(PY) benchmarks/bench_encoder.py
+	$(PY) benchmarks/bench_encoder.py --providers $(or $(BENCH_PROVIDERS),CPUExecutionProvider)
 	$(PY) benchmarks/bench_index.py
 	$(PY) benchmarks/bench_e2e.py
-	$(PY) benchmarks/bench_ingest.py
+	$(PY) benchmarks/bench_ingest.py --providers $(or $(BENCH_PROVIDERS),CPUExecutionProvider)
 	$(PY) benchmarks/bench_scale.py kinds --n $(or $(KINDS_N),100000)
 	$(PY) benchmarks/bench_scale.py scale --sizes $(or $(SCALE_SIZES),10000 100000)
 
