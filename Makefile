@@ -20,7 +20,7 @@ PROTO_STAMP := build/.protos
 MODEL_STAMP := $(MODEL_DIR)/manifest.json
 export IMGSEARCH_MODEL_DIR := $(abspath $(MODEL_DIR))
 
-.PHONY: help install protos models run up down status test test-unit test-integration lint buf-lint buf-breaking bench \
+.PHONY: help install protos models run up down status test test-unit test-integration lint buf-lint buf-breaking bench bench-gpu \
         k8s-validate train experiments eval clean
 
 help:  ## list targets
@@ -119,6 +119,18 @@ bench: $(MODEL_STAMP)  ## run the benchmarks (results go in docs/benchmarks.md b
 	$(PY) benchmarks/bench_ingest.py --providers $(or $(BENCH_PROVIDERS),CPUExecutionProvider)
 	$(PY) benchmarks/bench_scale.py kinds --n $(or $(KINDS_N),100000)
 	$(PY) benchmarks/bench_scale.py scale --sizes $(or $(SCALE_SIZES),10000 100000)
+
+GPU_PROVIDERS := CUDAExecutionProvider,CPUExecutionProvider
+# The GPU checks docs/benchmarks.md asks of the next GPU machine (onnxruntime-gpu installed), in one go: model
+# only with dynamic batching, ingest beside its anchor, and ingest with a fast feed with and without fixed batches.
+bench-gpu: $(MODEL_STAMP)  ## the encoder's GPU figures (needs a GPU and onnxruntime-gpu)
+	$(PY) benchmarks/bench_encoder.py --providers $(GPU_PROVIDERS) --batch-sizes 1 32 128 --concurrency 512 \
+		--max-batch 128 --seconds 3 --skip-text
+	$(PY) benchmarks/bench_ingest.py --providers $(GPU_PROVIDERS) --images 2000 --camera 150 --seconds 4
+	$(PY) benchmarks/bench_ingest.py --providers $(GPU_PROVIDERS) --images 2000 --configs default \
+		"nothumb|IMGSEARCH_GATEWAY_THUMBNAILS=false" \
+		"nothumb-unpadded|IMGSEARCH_GATEWAY_THUMBNAILS=false|IMGSEARCH_ENCODER_FIXED_BATCH=off" \
+		"dec8|IMGSEARCH_ENCODER_DECODE_THREADS=8"
 
 clean:  ## remove generated files, the venv, models and local state
 	rm -rf $(VENV) build .tools var $(MODEL_DIR) .mypy_cache .ruff_cache .pytest_cache
