@@ -227,7 +227,7 @@ class Coalescing:
     """How a ShardClient batches concurrent calls (see kit.coalesce); max_batch 1 turns it off."""
 
     max_batch: int = 64
-    max_inflight: int = 2
+    max_inflight: int = 1
 
     def make(self, send: Send[T, R], peer: str, batch_sizes: Histogram) -> Coalescer[T, R]:
         return Coalescer(

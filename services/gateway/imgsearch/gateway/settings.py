@@ -62,7 +62,10 @@ class GatewaySettings(ServerSettings):
     coalesce_max_batch: int = Field(
         64, ge=1, le=256, description="most calls coalesced into one call to a shard or the encoder (1: off)"
     )
-    coalesce_inflight: int = Field(2, ge=1, le=64, description="calls in flight to one peer before calls queue")
+    # One: each peer (a shard's event loop, the encoder's text session) runs one call at a time anyway, so a
+    # second call in flight only splits the batch. At 10k images, alternating runs, 1 against 2 gave SearchByText
+    # 198-226 against 149-182 q/s at 8 callers and 356-388 against 286 at 32 (docs/benchmarks.md).
+    coalesce_inflight: int = Field(1, ge=1, le=64, description="calls in flight to one peer before calls queue")
     max_tag_k: int = Field(200_000, ge=1, description="most tags one TagImage may return (up to the vocabulary)")
     max_metadata_entries: int = Field(64, ge=0, description="most metadata entries per image (as the shards)")
     max_metadata_bytes: int = Field(16 * 1024, ge=0, description="most UTF-8 bytes of metadata keys plus values")
