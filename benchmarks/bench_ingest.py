@@ -29,7 +29,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -200,6 +200,20 @@ def local_stack() -> Iterator[tuple[str, dict[str, int]]]:
             stack.down()
 
 
+def warm_up(client: GatewayClient, photos: list[bytes]) -> None:
+    """Connections, sessions and the shards' first writes, before anything is timed."""
+    client.add_images(ImageToAdd(photos[i % len(photos)], f"warm-{i}") for i in range(2 * BATCH))
+
+
+def timed_add(client: GatewayClient, pids: dict[str, int], images: Iterable[ImageToAdd]) -> tuple[float, str]:
+    """Seconds to add the images in one streaming call (every one stored), and the CPU each process spent."""
+    cpu0, t0 = cpu_seconds(pids), time.perf_counter()
+    outcomes = client.add_images(images)
+    took = time.perf_counter() - t0
+    assert all(o.ok for o in outcomes), [o for o in outcomes if not o.ok][:3]
+    return took, cpu_split(cpu0, cpu_seconds(pids), took)
+
+
 def ingest_configs(configs: list[str], photos: list[bytes], passes: int) -> list[str]:
     """The 224-px ingest alone, through a fresh stack per configuration, `passes` times each.
 
@@ -213,13 +227,9 @@ def ingest_configs(configs: list[str], photos: list[bytes], passes: int) -> list
         os.environ.update(dict(pair.partition("=")[::2] for pair in pairs))
         try:
             with local_stack() as (gateway, pids), GatewayClient(gateway, timeout=600) as client:
-                client.add_images(ImageToAdd(photos[i % len(photos)], f"warm-{i}") for i in range(2 * BATCH))
+                warm_up(client, photos)
                 for r in range(passes):
-                    cpu0, t0 = cpu_seconds(pids), time.perf_counter()
-                    outcomes = client.add_images(ImageToAdd(d, f"p{r}-{i}") for i, d in enumerate(photos))
-                    took = time.perf_counter() - t0
-                    assert all(o.ok for o in outcomes), [o for o in outcomes if not o.ok][:3]
-                    cpu = cpu_split(cpu0, cpu_seconds(pids), took)
+                    took, cpu = timed_add(client, pids, (ImageToAdd(d, f"p{r}-{i}") for i, d in enumerate(photos)))
                     lines.append(f"| {label} | {r + 1} | {len(photos) / took:.1f} | {cpu} |")
                     print(lines[-1], file=sys.stderr, flush=True)
         finally:
@@ -308,15 +318,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             assert echo.stdout is not None and echo.stdout.readline().strip() == "ready"
             with GatewayClient(gateway, timeout=600) as client:
-                # Warm-up: connections, sessions, the shards' first writes.
-                client.add_images(ImageToAdd(photos[i % len(photos)], f"warm-{i}") for i in range(2 * BATCH))
-                cpu0 = cpu_seconds(pids)
-                t0 = time.perf_counter()
-                outcomes = client.add_images(ImageToAdd(d, f"p{i}") for i, d in enumerate(photos))
-                ingest_s = time.perf_counter() - t0
-                assert all(o.ok for o in outcomes), [o for o in outcomes if not o.ok][:3]
+                warm_up(client, photos)
+                ingest_s, cpu = timed_add(client, pids, (ImageToAdd(d, f"p{i}") for i, d in enumerate(photos)))
                 ingest = len(photos) / ingest_s
-                lines.append(f"CPU seconds during the 224-px ingest: {cpu_split(cpu0, cpu_seconds(pids), ingest_s)}")
+                lines.append(f"CPU seconds during the 224-px ingest: {cpu}")
                 fp32_after = model_rate([fp32], pixels, args.seconds)
                 anchor = (fp32_before + fp32_after) / 2
                 rows.append(
@@ -328,12 +333,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 rows.append(("model only: fp32 anchor again, stack idle", f"{fp32_after:.1f} images/s", ""))
 
-                cpu0 = cpu_seconds(pids)
-                t0 = time.perf_counter()
-                cams = client.add_images(ImageToAdd(camera[i % len(camera)], f"cam{i}") for i in range(args.camera))
-                camera_s = time.perf_counter() - t0
-                assert all(o.ok for o in cams), [o for o in cams if not o.ok][:3]
-                lines.append(f"CPU seconds during the camera ingest: {cpu_split(cpu0, cpu_seconds(pids), camera_s)}")
+                cams = (ImageToAdd(camera[i % len(camera)], f"cam{i}") for i in range(args.camera))
+                camera_s, cpu = timed_add(client, pids, cams)
+                lines.append(f"CPU seconds during the camera ingest: {cpu}")
                 rows.append(
                     (
                         f"ingest: {args.camera} camera photos 4000x3000 JPEG ({camera_mb:.1f} MiB each) end to end",
