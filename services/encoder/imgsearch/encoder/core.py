@@ -18,7 +18,7 @@ import numpy.typing as npt
 
 from imgsearch.encoder import metrics
 from imgsearch.encoder.batching import MicroBatcher
-from imgsearch.encoder.settings import EncoderSettings
+from imgsearch.encoder.settings import EncoderSettings, FixedBatch
 from imgsearch.kit.errors import FailedPrecondition, ImgsearchError, InvalidArgument, ResourceExhausted
 from imgsearch.models.imaging import DecodedImage, ImageDecodeError, ImageLimits
 from imgsearch.models.manifest import ModelInfo, ModelManifest
@@ -111,7 +111,7 @@ TextResult = Vector | ImgsearchError
 GPU_MAX_WAIT_MS = 5.0
 
 
-def fixed_batch_size(setting: str, max_batch: int, on_gpu: bool) -> int:
+def fixed_batch_size(setting: FixedBatch, max_batch: int, on_gpu: bool) -> int:
     """The one batch size every image model call is padded to, or 0 to run batches as they come.
 
     ONNX Runtime's CUDA convolutions keep the plan of the last input shape only, and rebuild it when the batch
@@ -256,17 +256,18 @@ class Encoder:
     def infer_images(self, batch: list[Pixels]) -> list[tuple[Vector, Vector]]:
         """(features, logits) per decoded image, in one model call."""
         # The batcher runs at most one batch per session at a time, so a free session is always waiting.
-        pixels = np.stack(batch)
-        if len(batch) < self.fixed_batch:
-            # Zero images fill the batch to its one shape; their outputs are dropped below.
-            padding = np.zeros((self.fixed_batch - len(batch), *pixels.shape[1:]), pixels.dtype)
-            pixels = np.concatenate([pixels, padding])
+        n = len(batch)
+        # One copy into the model's input, filled with zero images up to the fixed batch (their outputs are
+        # dropped below).
+        pixels = np.empty((max(n, self.fixed_batch), *batch[0].shape), batch[0].dtype)
+        np.stack(batch, out=pixels[:n])
+        pixels[n:] = 0
         model = self._free_models.get()
         try:
             features, logits = model.run(pixels)
         finally:
             self._free_models.put(model)
-        return [(features[i].copy(), logits[i].copy()) for i in range(len(batch))]
+        return [(features[i].copy(), logits[i].copy()) for i in range(n)]
 
     def infer_texts(self, batch: list[str]) -> list[Vector]:
         """An L2-normalised embedding per text, in one model call (texts must already be validated)."""
