@@ -89,7 +89,8 @@ def caption_bank(head: Head, data: Prepared, size: int, seed: int) -> Matrix:
 def study(head: Head, data: Prepared, bank_sizes: list[int], seed: int) -> list[str]:
     """Markdown lines: plain and dev-chosen corrected recall on dev and test, per bank size."""
     splits = {name: projected(head, data.splits[name]) for name in ("dev", "test")}
-    plain = {name: recalls((t @ i.T).astype(np.float32), data.splits[name]) for name, (i, t) in splits.items()}
+    scores = {name: (t @ i.T).astype(np.float32) for name, (i, t) in splits.items()}
+    plain = {name: recalls(scores[name], data.splits[name]) for name in splits}
     lines = [
         "| ranking | bank (training captions) | dev R@1 / R@5 / R@10 | test R@1 / R@5 / R@10 |",
         "|---|---:|---|---|",
@@ -101,18 +102,16 @@ def study(head: Head, data: Prepared, bank_sizes: list[int], seed: int) -> list[
     lines.append(f"| plain cosine (served) | - | {cell(plain['dev'])} | {cell(plain['test'])} |")
     for size in bank_sizes:
         bank = caption_bank(head, data, size, seed)
-        dev_images, dev_texts = splits["dev"]
-        dev_scores = (dev_texts @ dev_images.T).astype(np.float32)
+        dev_images = splits["dev"][0]
         best: tuple[float, Setting, dict[str, float]] | None = None
         for s in settings():
-            m = recalls(corrected_scores(dev_scores, image_hubness(dev_images, bank, s), s.weight), data.splits["dev"])
+            corrected = corrected_scores(scores["dev"], image_hubness(dev_images, bank, s), s.weight)
+            m = recalls(corrected, data.splits["dev"])
             if best is None or selection_score(m) > best[0]:
                 best = (selection_score(m), s, m)
         assert best is not None
         _, chosen, dev = best
-        test_images, test_texts = splits["test"]
-        test_scores = (test_texts @ test_images.T).astype(np.float32)
-        corrected = corrected_scores(test_scores, image_hubness(test_images, bank, chosen), chosen.weight)
+        corrected = corrected_scores(scores["test"], image_hubness(splits["test"][0], bank, chosen), chosen.weight)
         test = recalls(corrected, data.splits["test"])
         lines.append(f"| {chosen.label()} (chosen on dev) | {len(bank):,} | {cell(dev)} | {cell(test)} |")
     return lines
