@@ -78,6 +78,7 @@ def test_every_alert_has_a_firing_and_a_quiet_case() -> None:
         "ImgsearchHighLatencyP99",
         "ImgsearchEncoderQueueing",
         "ImgsearchIndexSnapshotStale",
+        "ImgsearchIndexBuildBehind",
     }
     assert names == expected
 

@@ -275,7 +275,7 @@ def test_every_alert_rule_loads_and_evaluates(prometheus: Prometheus) -> None:
         return rules
 
     rules = eventually(loaded, 30, "every alert rule evaluated with health ok")
-    assert len(rules) == 9
+    assert len(rules) == 10
 
 
 def test_every_dashboard_panel_returns_data(traffic: Stack, prometheus: Prometheus) -> None:

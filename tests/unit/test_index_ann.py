@@ -12,6 +12,7 @@ from typing import Any
 import faiss
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from imgsearch.index import snapshot
 from imgsearch.index.core import Cursor, RecordInput, SearchFilter, ShardIndex, Space
@@ -154,6 +155,38 @@ def test_a_tail_is_merged_once_writes_stop(tmp_path: Path, rng: np.random.Genera
         assert idx.build_indexes() == 0
     finally:
         idx.close(final_snapshot=False)
+
+
+def test_metrics_say_how_many_vectors_wait_for_the_approximate_index(tmp_path: Path, rng: np.random.Generator) -> None:
+    # What an operator watches during a bulk load: the exact tails grow while writes outrun the builder, and
+    # fall to zero as each build is swapped in; every build is timed by space and mode.
+    def waiting(space: str) -> float | None:
+        return REGISTRY.get_sample_value("imgsearch_index_unindexed_vectors", {"shard": "gauge", "space": space})
+
+    def builds(space: str, mode: str) -> float:
+        labels = {"shard": "gauge", "space": space, "mode": mode}
+        return REGISTRY.get_sample_value("imgsearch_index_build_seconds_count", labels) or 0.0
+
+    idx = ShardIndex(settings(tmp_path / "s", shard="gauge"))
+    try:
+        assert waiting("visual") == 0 and waiting("semantic") == 0
+        fill(idx, rng, 1500)
+        assert waiting("visual") == 1500 and waiting("semantic") == 1500
+        before = builds("visual", "full"), builds("semantic", "full")
+        assert idx.build_indexes() == 2
+        assert waiting("visual") == 0 and waiting("semantic") == 0
+        assert (builds("visual", "full"), builds("semantic", "full")) == (before[0] + 1, before[1] + 1)
+        fill(idx, rng, 120, start=1500)
+        assert waiting("visual") == 120 and waiting("semantic") == 120
+    finally:
+        idx.close(final_snapshot=False)
+    # An exact-only shard has nothing waiting, however much it holds.
+    flat = ShardIndex(settings(tmp_path / "f", shard="gauge", visual_index="Flat", semantic_index="Flat"))
+    try:
+        fill(flat, rng, 1500)
+        assert waiting("visual") == 0 and waiting("semantic") == 0
+    finally:
+        flat.close(final_snapshot=False)
 
 
 @pytest.mark.skipif(not hasattr(os, "getpriority"), reason="per-thread priorities are a Linux feature")

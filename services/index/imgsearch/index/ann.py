@@ -188,6 +188,11 @@ class SegmentedSpace:
         return self.tail.ntotal + self.alive_count
 
     @property
+    def unindexed(self) -> int:
+        """Vectors waiting in the exact tail for the approximate base (0 for an exact space: nothing waits)."""
+        return self.tail.ntotal if self.approximate else 0
+
+    @property
     def dead(self) -> int:
         return 0 if self.base is None else self.base.rows - self.alive_count
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import faiss
 import numpy as np
 
+from imgsearch.index import metrics
 from imgsearch.index.ann import Base, SegmentedSpace, build_base, export_tail
 from imgsearch.index.indexes import Labels, Matrix
 from imgsearch.index.state import Memory
@@ -28,8 +29,18 @@ log = logging.getLogger(__name__)
 
 
 class Builder:
-    def __init__(self, memory: Memory, store: Store, lock: RWLock, shard: str, nice: int = 0) -> None:
+    def __init__(
+        self,
+        memory: Memory,
+        store: Store,
+        lock: RWLock,
+        shard: str,
+        nice: int = 0,
+        on_swap: Callable[[], None] | None = None,
+    ) -> None:
         self._memory = memory
+        # Called under the exclusive lock once a new base is in (the shard's gauges: fewer vectors wait now).
+        self._on_swap = on_swap
         self._nice = nice
         # The builder thread's kernel thread id, once it runs (its CPU priority is per thread on Linux).
         self.native_id: int | None = None
@@ -145,6 +156,10 @@ class Builder:
             # No write changed, but the bases did: without a snapshot a restart would load the old snapshot and
             # build this base again from its tail (9 minutes for a 500k HNSW), searching exactly meanwhile.
             self._memory.snapshot_needed = True
+            if self._on_swap is not None:
+                self._on_swap()
+        seconds = time.perf_counter() - t0
+        metrics.BUILD_SECONDS.labels(self._shard, "visual" if head is None else "semantic", mode).observe(seconds)
         log.info(
             "approximate index swapped in",
             extra={
@@ -154,7 +169,7 @@ class Builder:
                 "mode": mode,
                 "rows": new.rows,
                 "from_tail": int(tail_labels.shape[0]),
-                "seconds": round(time.perf_counter() - t0, 3),
+                "seconds": round(seconds, 3),
             },
         )
         return True

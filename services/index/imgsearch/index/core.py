@@ -145,7 +145,9 @@ class ShardIndex:
         self._snapshots = Snapshots(
             self._memory, self._store, self.directory, self._lock, self._write_mutex, self.shard, self._publish_locked
         )
-        self._builder = Builder(self._memory, self._store, self._lock, self.shard, settings.build_nice)
+        self._builder = Builder(
+            self._memory, self._store, self._lock, self.shard, settings.build_nice, on_swap=self._publish_locked
+        )
         self._publish()
         metrics.SNAPSHOT_AGE.labels(self.shard).set_function(self.snapshot_age_seconds)
         # Zero-valued series from the start, so dashboards and rate() see them before traffic.
@@ -595,4 +597,8 @@ class ShardIndex:
         memory = self._memory
         metrics.VECTORS.labels(self.shard, Space.VISUAL.value).set(memory.visual.ntotal)
         metrics.VECTORS.labels(self.shard, Space.SEMANTIC.value).set(sum(s.ntotal for s in memory.semantic.values()))
+        metrics.UNINDEXED.labels(self.shard, Space.VISUAL.value).set(memory.visual.unindexed)
+        metrics.UNINDEXED.labels(self.shard, Space.SEMANTIC.value).set(
+            sum(s.unindexed for s in memory.semantic.values())
+        )
         metrics.WAL_ENTRIES.labels(self.shard).set(memory.wal)

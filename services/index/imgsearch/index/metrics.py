@@ -18,6 +18,18 @@ SNAPSHOT_AGE = Gauge(
     "Seconds since the newest FAISS snapshot (since the shard opened when it has none).",
     ("shard",),
 )
+UNINDEXED = Gauge(
+    "imgsearch_index_unindexed_vectors",
+    "Vectors of an approximate space still in its exact tail, waiting for the background builder (searched exactly"
+    " meanwhile: each one costs every search of that space); 0 for exact spaces.",
+    ("shard", "space"),
+)
+BUILD_SECONDS = Histogram(
+    "imgsearch_index_build_seconds",
+    "Background builds of an approximate base: full (from scratch) or merge (the exact tail into the base).",
+    ("shard", "space", "mode"),
+    buckets=(0.5, 2, 5, 15, 30, 60, 120, 300, 600, 1200, 3600),
+)
 WAL_ENTRIES = Gauge(
     "imgsearch_index_wal_entries", "Changes stored in SQLite but not yet in a FAISS snapshot.", ("shard",)
 )
