@@ -5,6 +5,9 @@ with the production durability settings (SQLite WAL, synchronous=FULL). Prints a
 
     python benchmarks/bench_index.py                 # 10k and 100k vectors, about 2 minutes on 2 cores
     python benchmarks/bench_index.py --sizes 10000   # quick run
+    python benchmarks/bench_index.py --index-types Flat SQfp16   # the exact kinds side by side, alternating
+
+Every space is exact here (VISUAL_INDEX and SEMANTIC_INDEX Flat): what small shards and every exact tail cost.
 """
 
 from __future__ import annotations
@@ -35,11 +38,14 @@ def unit_rows(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
     return x
 
 
-def settings(path: Path, search_threads: int = 1) -> IndexSettings:
-    # Snapshots only where the benchmark asks for them.
+def settings(path: Path, search_threads: int = 1, index_type: str | None = None) -> IndexSettings:
+    # Snapshots only where the benchmark asks for them; exact spaces only, of the exact kind asked for.
     return IndexSettings(
         data_dir=path,
         shard="bench",
+        visual_index="Flat",
+        semantic_index="Flat",
+        index_type=index_type or IndexSettings.model_fields["index_type"].default,
         snapshot_every=10**9,
         snapshot_interval_seconds=1e9,
         use_gpu=False,
@@ -50,6 +56,8 @@ def settings(path: Path, search_threads: int = 1) -> IndexSettings:
 @dataclass
 class Row:
     size: int
+    index_type: str
+    snapshot_mib: float
     upsert_per_s: float
     search_p50_ms: float
     search_p95_ms: float
@@ -129,20 +137,21 @@ def recall(idx: ShardIndex, visual: np.ndarray, queries: np.ndarray, k: int) -> 
     return found / (k * len(queries))
 
 
-def reopen(path: Path, search_threads: int = 1) -> tuple[ShardIndex, float]:
+def reopen(path: Path, search_threads: int = 1, index_type: str | None = None) -> tuple[ShardIndex, float]:
     t0 = time.perf_counter()
-    idx = ShardIndex(settings(path, search_threads))
+    idx = ShardIndex(settings(path, search_threads, index_type))
     return idx, time.perf_counter() - t0
 
 
-def bench_size(root: Path, n: int, n_queries: int, k: int, seed: int) -> Row:
+def bench_size(root: Path, n: int, n_queries: int, k: int, seed: int, index_type: str | None) -> Row:
     rng = np.random.default_rng(seed)
     visual = unit_rows(rng, n, VD)
     semantic = unit_rows(rng, n, SD)
     queries = unit_rows(rng, n_queries, VD)
-    path = root / f"shard-{n}"
-    idx = ShardIndex(settings(path))
+    path = root / f"shard-{n}-{index_type}"
+    idx = ShardIndex(settings(path, index_type=index_type))
     upsert_rate = fill(idx, visual, semantic, batch=1000)
+    kind = idx.stats().index_type
 
     search_latencies(idx, Space.VISUAL, queries[:10], k)  # warm-up
     lat = search_latencies(idx, Space.VISUAL, queries, k)
@@ -160,12 +169,14 @@ def bench_size(root: Path, n: int, n_queries: int, k: int, seed: int) -> Row:
     t0 = time.perf_counter()
     idx.snapshot()
     snap_write = time.perf_counter() - t0
+    # The snapshot is the exact indexes as they sit in memory (faiss write_index), so its size is theirs.
+    snapshot_mib = sum(f.stat().st_size for f in (path / "snapshots").rglob("*") if f.is_file()) / 2**20
     idx.close(final_snapshot=False)
-    idx, t_snapshot = reopen(path)
+    idx, t_snapshot = reopen(path, index_type=index_type)
     assert idx.load_report.mode == "snapshot", idx.load_report
     idx.close(final_snapshot=False)
     # The same searches with OpenMP on every core inside each search (search_threads=0).
-    idx, _ = reopen(path, search_threads=0)
+    idx, _ = reopen(path, search_threads=0, index_type=index_type)
     search_latencies(idx, Space.VISUAL, queries[:10], k)
     omp_lat = search_latencies(idx, Space.VISUAL, queries, k)
     omp_qps2 = throughput(idx, queries, k, 2)
@@ -173,18 +184,20 @@ def bench_size(root: Path, n: int, n_queries: int, k: int, seed: int) -> Row:
     # 1000 changes after the snapshot, then a crash: the restart replays them.
     fill(idx, unit_rows(rng, 1000, VD), unit_rows(rng, 1000, SD), batch=1000)
     idx.close(final_snapshot=False)
-    idx, t_replay = reopen(path)
+    idx, t_replay = reopen(path, index_type=index_type)
     assert idx.load_report.mode == "snapshot", idx.load_report
     replayed = idx.load_report.replayed_changes
     idx.close(final_snapshot=False)
 
     shutil.rmtree(path / "snapshots")
-    idx, t_rebuild = reopen(path)
+    idx, t_rebuild = reopen(path, index_type=index_type)
     assert idx.load_report.mode == "rebuild", idx.load_report
     idx.close(final_snapshot=False)
     shutil.rmtree(path)
     return Row(
         size=n,
+        index_type=kind,
+        snapshot_mib=snapshot_mib,
         upsert_per_s=upsert_rate,
         search_p50_ms=percentile(lat, 50) * 1000,
         search_p95_ms=percentile(lat, 95) * 1000,
@@ -206,6 +219,8 @@ def bench_size(root: Path, n: int, n_queries: int, k: int, seed: int) -> Row:
 def table(rows: list[Row]) -> str:
     head = [
         "vectors",
+        "exact kind",
+        "index MiB (its snapshot)",
         "upsert rec/s (batch 1000)",
         "visual search p50 / p95 ms (k=10)",
         "QPS, 1 caller",
@@ -223,6 +238,8 @@ def table(rows: list[Row]) -> str:
     for r in rows:
         cells = [
             f"{r.size:,}",
+            r.index_type,
+            f"{r.snapshot_mib:,.1f}",
             f"{r.upsert_per_s:,.0f}",
             f"{r.search_p50_ms:.2f} / {r.search_p95_ms:.2f}",
             f"{r.search_qps_1:,.0f}",
@@ -247,14 +264,19 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dir", type=Path, default=None, help="where to put the shards (default: a temp dir)")
+    parser.add_argument(
+        "--index-types", nargs="+", default=[None], help="exact kinds (INDEX_TYPE) to compare; default: the setting's"
+    )
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench-index-", dir=args.dir))
     try:
-        rows = [bench_size(root, n, args.queries, args.k, args.seed) for n in args.sizes]
+        rows = [
+            bench_size(root, n, args.queries, args.k, args.seed, kind) for n in args.sizes for kind in args.index_types
+        ]
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(
-        f"FAISS {faiss.__version__}, index Flat (exact inner product), CPU, {os.cpu_count()} cores, "
+        f"FAISS {faiss.__version__}, exact spaces (inner product), CPU, {os.cpu_count()} cores, "
         f"{args.queries} queries per size\n"
     )
     print(table(rows))

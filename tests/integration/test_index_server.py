@@ -211,7 +211,7 @@ def test_upsert_search_get_delete_stats(stub: index_pb2_grpc.IndexServiceStub) -
     assert [h.id for h in got.hits] == model.top(common_pb2.SPACE_VISUAL, q, 3)
 
     stats = stub.Stats(index_pb2.StatsRequest(), timeout=10)
-    assert (stats.shard, stats.visual_dim, stats.semantic_dim, stats.index_type) == (SHARD, VD, SD, "Flat")
+    assert (stats.shard, stats.visual_dim, stats.semantic_dim, stats.index_type) == (SHARD, VD, SD, "SQfp16")
     assert stats.count >= 59
     assert stats.semantic_heads[HEAD] == stats.count
     assert stats.wal_entries >= 61

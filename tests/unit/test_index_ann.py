@@ -16,6 +16,7 @@ from prometheus_client import REGISTRY
 
 from imgsearch.index import snapshot
 from imgsearch.index.core import Cursor, RecordInput, SearchFilter, ShardIndex, Space
+from imgsearch.index.indexes import INDEX_KINDS, as_kind, new_cpu_index
 from imgsearch.index.settings import IndexSettings
 from imgsearch.index.store import DB_NAME
 
@@ -464,3 +465,20 @@ def test_a_build_after_the_last_write_is_snapshotted_so_a_restart_does_not_rebui
         assert idx.stats().served_index_types == {"visual": "IVFPQFS", f"semantic:{HEAD}": "HNSW"}
     finally:
         idx.close(final_snapshot=False)
+
+
+@pytest.mark.parametrize(("source", "target"), [("Flat", "SQfp16"), ("SQfp16", "Flat"), ("SQfp16", "SQfp16")])
+def test_an_exact_index_converts_to_another_exact_kind(rng: np.random.Generator, source: str, target: str) -> None:
+    # A snapshot's tail written under one exact kind, loaded under another: same labels, same float16 vectors.
+    vectors = clustered(rng, 300, VD).astype(np.float16).astype(np.float32)
+    labels = rng.permutation(1000)[:300].astype(np.int64)
+    index = new_cpu_index(INDEX_KINDS[source], VD)
+    index.add_with_ids(vectors, labels)
+    index.remove_ids(labels[:10].copy())
+    out = as_kind(index, INDEX_KINDS[target], VD)
+    assert isinstance(faiss.downcast_index(out.index), INDEX_KINDS[target].inner)
+    assert (out is index) == (source == target)
+    assert sorted(faiss.vector_to_array(out.id_map).tolist()) == sorted(labels[10:].tolist())
+    for label, vector in zip(labels[10:50], vectors[10:50], strict=True):
+        np.testing.assert_array_equal(out.reconstruct(int(label)), vector)
+    assert as_kind(new_cpu_index(INDEX_KINDS[source], VD), INDEX_KINDS[target], VD).ntotal == 0

@@ -466,6 +466,56 @@ def test_close_and_reopen_gives_identical_results(tmp_path: Path, rng: np.random
         idx.close(final_snapshot=False)
 
 
+@pytest.mark.parametrize(("before", "after"), [("Flat", "SQfp16"), ("SQfp16", "Flat")])
+def test_changing_the_exact_kind_keeps_the_snapshot_and_the_answers(
+    tmp_path: Path, rng: np.random.Generator, before: str, after: str
+) -> None:
+    # Both exact kinds hold the float16 vectors the shard stores: a shard reopened under the other kind loads its
+    # snapshot (no rebuild from SQLite), converts the tails, and answers as before and as the ground truth.
+    truth = Truth()
+    idx = ShardIndex(settings(tmp_path / "s", index_type=before))
+    fill(idx, truth, rng, 200)
+    mutate(idx, truth, rng, "m")
+    qs = queries(rng)
+    answered = answers(idx, qs)
+    assert idx.stats().index_type == before
+    idx.close()
+    idx = ShardIndex(settings(tmp_path / "s", index_type=after))
+    try:
+        assert idx.load_report.mode == "snapshot"
+        assert idx.stats().index_type == after
+        for now, then in zip(answers(idx, qs), answered, strict=True):
+            assert [hit_id for hit_id, _ in now] == [hit_id for hit_id, _ in then]
+            np.testing.assert_allclose([score for _, score in now], [score for _, score in then], atol=1e-5)
+        assert_matches(idx, truth, rng)
+        assert_matches(idx, truth, rng, Space.SEMANTIC, HEAD)
+        # Writes after the switch go to a tail of the new kind and are found.
+        extra = rec(rng, "after-switch")
+        idx.upsert([extra])
+        truth.put(extra)
+        assert_matches(idx, truth, rng)
+    finally:
+        idx.close(final_snapshot=False)
+
+
+def test_the_float16_kind_ranks_as_exact_flat(tmp_path: Path, rng: np.random.Generator) -> None:
+    # The same writes into one shard of each exact kind: the same ids in the same order, scores equal to 1e-5.
+    shards = {kind: ShardIndex(settings(tmp_path / kind, index_type=kind)) for kind in ("Flat", "SQfp16")}
+    try:
+        records = [rec(rng, f"r{i}") for i in range(300)]
+        for shard in shards.values():
+            shard.upsert(records)
+            shard.delete([f"r{i}" for i in range(0, 300, 7)])
+        for _ in range(10):
+            q = rng.normal(size=VD).astype(np.float32)
+            flat, half = (shards[k].search(Space.VISUAL, q, 20).hits for k in ("Flat", "SQfp16"))
+            assert [h.id for h in half] == [h.id for h in flat]
+            np.testing.assert_allclose([h.score for h in half], [h.score for h in flat], atol=1e-5)
+    finally:
+        for shard in shards.values():
+            shard.close(final_snapshot=False)
+
+
 def test_without_any_snapshot_a_reopen_rebuilds_from_sqlite(tmp_path: Path, rng: np.random.Generator) -> None:
     truth = Truth()
     idx = ShardIndex(settings(tmp_path / "s"))
@@ -685,7 +735,7 @@ def test_stats_follow_writes_and_snapshots(shard: ShardIndex, rng: np.random.Gen
     assert (stats.shard, stats.count, stats.index_type, stats.visual_dim, stats.semantic_dim) == (
         "unit",
         0,
-        "Flat",
+        "SQfp16",
         VD,
         SD,
     )

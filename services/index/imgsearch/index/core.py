@@ -154,7 +154,8 @@ class ShardIndex:
         for op in ("upsert", "delete", "set_semantic"):
             metrics.WRITES.labels(self.shard, op)
         for space in Space:
-            metrics.SEARCH_SECONDS.labels(self.shard, space.value, self.kind.name)
+            # Labelled by the kind a search used (SegmentedSpace.served_kind): exact ("Flat") until a base is built.
+            metrics.SEARCH_SECONDS.labels(self.shard, space.value, "Flat")
         self._snapshots.start()
         if settings.background_build:
             self._builder.start()

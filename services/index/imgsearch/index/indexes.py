@@ -30,11 +30,22 @@ class IndexKind:
     factory: str
     exact: bool
     needs_training: bool = False
+    # The FAISS class inside the IDMap2: how an index read from a snapshot is recognised as this kind.
+    inner: type = faiss.IndexFlat
+    # Whether faiss-gpu can hold a replica of it (flat scalar-quantised indexes have no GPU version).
+    gpu: bool = True
 
 
-# Only exact search for now. An approximate kind is one more entry here (e.g. IndexKind("HNSW32", ...)) plus
-# its training policy; everything else (snapshots, ground-truth tests against "Flat") stays as it is.
+# The exact kinds, for small spaces and the exact tails of approximate ones (ann.py holds the approximate bases).
+# SQfp16 stores float16 codes and scores them against the float32 query: exact for what the shard keeps, since
+# the shard stores every vector as float16 (SQLite) and a restart rebuilds its tails from those. Against Flat's
+# float32 copies it halves a tail's memory (a bulk load keeps hundreds of thousands of vectors there until the
+# builder catches up) and, memory-bound, scans it 1.7-2.1x faster (docs/benchmarks.md). Flat stays the ground
+# truth in tests and the choice for GPU replicas.
 INDEX_KINDS: dict[str, IndexKind] = {
+    "SQfp16": IndexKind(
+        name="SQfp16", factory="IDMap2,SQfp16", exact=True, inner=faiss.IndexScalarQuantizer, gpu=False
+    ),
     "Flat": IndexKind(name="Flat", factory="IDMap2,Flat", exact=True),
 }
 
@@ -58,6 +69,19 @@ def new_cpu_index(kind: IndexKind, dim: int) -> Any:
     return faiss.index_factory(dim, kind.factory, faiss.METRIC_INNER_PRODUCT)
 
 
+def as_kind(index: Any, kind: IndexKind, dim: int) -> Any:
+    """`index` (an IDMap2 over an exact index, e.g. read from a snapshot written under another exact kind) as an
+    index of `kind` holding the same labels and vectors; the index itself when it already is one."""
+    if isinstance(faiss.downcast_index(index.index), kind.inner):
+        return index
+    out = new_cpu_index(kind, dim)
+    if index.ntotal:
+        # An IDMap2's id_map lists its labels in the inner index's storage order.
+        labels = faiss.vector_to_array(index.id_map).astype(np.int64, copy=False)
+        out.add_with_ids(index.index.reconstruct_n(0, index.ntotal), labels)
+    return out
+
+
 class VectorSpace:
     """One FAISS index over normalised vectors, addressed by int64 labels.
 
@@ -74,9 +98,9 @@ class VectorSpace:
         self.dim = dim
         self.use_gpu = use_gpu
         self.search_threads = search_threads
-        self.cpu: Any = cpu_index if cpu_index is not None else new_cpu_index(kind, dim)
-        if int(self.cpu.d) != dim:
-            raise ValueError(f"index has dimension {self.cpu.d}, expected {dim}")
+        if cpu_index is not None and int(cpu_index.d) != dim:
+            raise ValueError(f"index has dimension {cpu_index.d}, expected {dim}")
+        self.cpu: Any = as_kind(cpu_index, kind, dim) if cpu_index is not None else new_cpu_index(kind, dim)
         self._gpu: Any | None = None
         self._gpu_lock = threading.Lock()
         self.sync()
@@ -105,7 +129,7 @@ class VectorSpace:
 
     def sync(self) -> None:
         """Bring the GPU replica up to date with the CPU master (no-op on CPU)."""
-        if self.use_gpu and self._gpu is None:
+        if self.use_gpu and self.kind.gpu and self._gpu is None:
             self._gpu = faiss.index_cpu_to_all_gpus(self.cpu)
 
     def search(self, query: Matrix, k: int, allowed: Labels | None = None) -> tuple[npt.NDArray[np.float32], Labels]:

@@ -30,7 +30,6 @@ def load(memory: Memory, store: Store, directory: Path, shard: str) -> LoadRepor
     if newest is not None:
         expected = snapshot.Expected(
             shard_uuid=store.shard_uuid,
-            index_type=memory.kind.name,
             visual_dim=settings.visual_dim,
             semantic_dim=settings.semantic_dim,
             max_seq=last_seq,

@@ -26,7 +26,7 @@ class IndexSettings(ServerSettings):
     visual_dim: int = Field(1280, ge=1, le=65536, description="dimension of the visual (CNN feature) space")
     semantic_dim: int = Field(384, ge=1, le=65536, description="dimension of the semantic space")
     index_type: str = Field(
-        "Flat", description="exact kind of FAISS index (small spaces, tails): " + ", ".join(INDEX_KINDS)
+        "SQfp16", description="exact kind of FAISS index (small spaces, tails): " + ", ".join(INDEX_KINDS)
     )
     # Approximate kinds per space (see ann.py and docs/benchmarks.md for why these): a space stays exact until it
     # holds ann_min_vectors vectors, then an approximate base is built in the background and swapped in.

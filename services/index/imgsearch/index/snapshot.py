@@ -31,6 +31,7 @@ import faiss
 import numpy as np
 
 from imgsearch.index.ann import APPROXIMATE_KINDS, Base
+from imgsearch.index.indexes import INDEX_KINDS
 from imgsearch.index.store import now_ms
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,6 @@ class Expected:
     """What a usable snapshot must match."""
 
     shard_uuid: str
-    index_type: str
     visual_dim: int
     semantic_dim: int
     # Newest change seq in SQLite: a snapshot claiming more is from a different history.
@@ -292,7 +292,6 @@ def remove_debris(root: Path) -> None:
 def _check(manifest: dict[str, Any], expected: Expected, path: Path) -> None:
     checks: list[tuple[str, Any, Any]] = [
         ("shard_uuid", manifest.get("shard_uuid"), expected.shard_uuid),
-        ("index_type", manifest.get("index_type"), expected.index_type),
         ("visual_dim", manifest.get("visual_dim"), expected.visual_dim),
         ("semantic_dim", manifest.get("semantic_dim"), expected.semantic_dim),
     ]
@@ -301,6 +300,12 @@ def _check(manifest: dict[str, Any], expected: Expected, path: Path) -> None:
     for key, got, want in checks:
         if got != want:
             raise SnapshotError(f"{path.name}: {key} is {got!r}, expected {want!r}")
+    # Any exact kind: they hold the same vectors, and a tail of another kind is converted as it is loaded
+    # (indexes.as_kind), so changing INDEX_TYPE keeps the snapshot and its approximate bases.
+    if manifest.get("index_type") not in INDEX_KINDS:
+        raise SnapshotError(
+            f"{path.name}: index_type is {manifest.get('index_type')!r}, expected one of {', '.join(INDEX_KINDS)}"
+        )
     seq = manifest.get("seq")
     if not isinstance(seq, int) or seq < expected.min_seq or seq > expected.max_seq:
         raise SnapshotError(
