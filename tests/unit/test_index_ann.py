@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from imgsearch.index import snapshot
+from imgsearch.index import snapshot, state
 from imgsearch.index.core import Cursor, RecordInput, SearchFilter, ShardIndex, Space
 from imgsearch.index.indexes import INDEX_KINDS, as_kind, new_cpu_index
 from imgsearch.index.settings import IndexSettings
@@ -156,6 +156,38 @@ def test_a_tail_is_merged_once_writes_stop(tmp_path: Path, rng: np.random.Genera
         assert idx.build_indexes() == 0
     finally:
         idx.close(final_snapshot=False)
+
+
+def test_background_builds_wait_while_a_bulk_load_streams_in(
+    tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Writes at ann_bulk_write_rate or more: the builder's own passes leave the bases to wait (the load keeps the
+    # CPU), until the load pauses or a tail reaches ann_bulk_tail_max; an explicit build_indexes() is not held.
+    monkeypatch.setattr(state, "WRITE_RATE_WINDOW_S", 0.5)
+    idx = ShardIndex(settings(tmp_path / "s", ann_bulk_write_rate=1000.0, ann_bulk_tail_max=2500))
+    try:
+        fill(idx, rng, 2000)  # well over 1000 records/s over the last half second
+        assert idx._memory.write_rate() >= 1000
+        assert idx._builder.run_once(background=True) == 0
+        assert idx.stats().exact_tail == {"visual": 2000, f"semantic:{HEAD}": 2000}
+        fill(idx, rng, 600, start=2000)  # still streaming, but the tails now pass ann_bulk_tail_max
+        assert idx._builder.run_once(background=True) == 2
+        fill(idx, rng, 1200, start=2600)  # a new load: tails below the cap wait again ...
+        assert idx._builder.run_once(background=True) == 0
+        time.sleep(0.6)  # ... until it pauses
+        assert idx._memory.write_rate() == 0
+        assert idx._builder.run_once(background=True) == 2
+        assert idx.stats().exact_tail == {"visual": 0, f"semantic:{HEAD}": 0}
+    finally:
+        idx.close(final_snapshot=False)
+    # Everyday writes (below the rate) are built as before, and 0 turns the wait off.
+    for rate in (10**6, 0.0):
+        quiet = ShardIndex(settings(tmp_path / f"q{rate}", ann_bulk_write_rate=rate))
+        try:
+            fill(quiet, rng, 1500)
+            assert quiet._builder.run_once(background=True) == 2
+        finally:
+            quiet.close(final_snapshot=False)
 
 
 def test_metrics_say_how_many_vectors_wait_for_the_approximate_index(tmp_path: Path, rng: np.random.Generator) -> None:

@@ -48,14 +48,19 @@ APPROXIMATE_KINDS = ("HNSW", *IVF_KINDS)
 class AnnParams:
     min_vectors: int = 50_000
     merge_min: int = 10_000
-    # The exact tail holds float32 vectors (6.5 KB per record for both spaces): kept to 5 % of the base so that it
-    # costs at most ~330 B per record on top of the base (docs/benchmarks.md, RAM per image).
+    # The exact tail holds a full-size copy of each vector (3.3 KB per record for both spaces in the default SQfp16,
+    # 6.5 KB in Flat): kept to 5 % of the base so that it costs at most ~170 B per record on top of the base
+    # (docs/benchmarks.md, RAM per image).
     merge_ratio: float = 0.05
     # Once writes stopped (the builder's call: IndexSettings.ann_idle_merge_seconds), a tail of at least
     # idle_merge_min vectors is merged too: every search scans the tail exactly (12k visual vectors: 3.3 ms a
     # query on one core, more than the fast-scan base of 500k), while a bulk load keeps the large thresholds
     # above, so merges stay rare while it writes.
     idle_merge_min: int = 1_000
+    # While a bulk load streams in (the builder's call: IndexSettings.ann_bulk_write_rate), builds wait until it
+    # pauses or a tail reaches this size: on 2 vCPUs a build cannot keep pace with a bulk load anyway, and running
+    # it during the load cost the load a fifth of its rate (docs/benchmarks.md, "Upsert at 1M").
+    bulk_tail_max: int = 500_000
     rebuild_dead_fraction: float = 0.25
     hnsw_m: int = 32
     # efConstruction 128 / efSearch 256 gave recall@10 0.996 (synthetic) and 1.000 (MiniLM captions) at 100k, where
@@ -266,11 +271,14 @@ class SegmentedSpace:
 
     # --- builds ---
 
-    def build_due(self, idle: bool = False) -> str | None:
-        """'full', 'merge' or None: whether the builder should make a new base now (idle: no writes lately)."""
+    def build_due(self, idle: bool = False, bulk: bool = False) -> str | None:
+        """'full', 'merge' or None: whether the builder should make a new base now (idle: no writes lately;
+        bulk: a bulk load is streaming in, so builds wait while the tail is below bulk_tail_max)."""
         if not self.approximate or self.building is not None:
             return None
         p = self.params
+        if bulk and self.tail.ntotal < p.bulk_tail_max:
+            return None
         if self.base is None:
             return "full" if self.tail.ntotal >= p.min_vectors else None
         if self.base.kind != self.kind:
@@ -400,7 +408,7 @@ class SegmentedSpace:
 
 
 def export_tail(space: SegmentedSpace) -> tuple[Labels, Matrix]:
-    """Every (label, vector) of the tail (exact float32 copies)."""
+    """Every (label, vector) of the tail, as float32 (the float16 vectors the shard stores)."""
     labels = space.tail.labels().copy()
     inner = faiss.downcast_index(space.tail.cpu.index)
     vecs = inner.reconstruct_n(0, inner.ntotal) if inner.ntotal else np.zeros((0, space.dim), np.float32)

@@ -5,6 +5,7 @@ and mark the space as building (from then on every label it removes is recorded)
 (merge: clone of the old one plus the tail; full: from the old base's live vectors plus the tail). Under the
 exclusive lock, install it, kill its rows of labels touched meanwhile, and drop the moved labels from the tail.
 The old base serves until that moment. Nothing here is durable: SQLite is, and the next snapshot writes the base.
+While a bulk load streams in (IndexSettings.ann_bulk_write_rate), the thread's passes leave bases to wait for it.
 """
 
 from __future__ import annotations
@@ -70,27 +71,33 @@ class Builder:
         lower_priority(self._nice, self._shard)
         while not self._stop.is_set():
             try:
-                self.run_once()
+                self.run_once(background=True)
             except Exception:
                 log.exception("index build failed; will retry", extra={"shard": self._shard})
                 self._stop.wait(5.0)
             self._wake.wait(timeout=1.0)
             self._wake.clear()
 
-    def run_once(self) -> int:
-        """Build every base that is due now (on the calling thread); returns how many were built."""
-        with self._mutex:
-            return self._run()
+    def run_once(self, background: bool = False) -> int:
+        """Build every base that is due now (on the calling thread); returns how many were built.
 
-    def _run(self) -> int:
+        background: the builder thread's own pass, which leaves bases to wait while a bulk load streams in; an
+        explicit call (ShardIndex.build_indexes) builds what is due regardless."""
+        with self._mutex:
+            return self._run(background)
+
+    def _run(self, background: bool = False) -> int:
         done = 0
         while not self._stop.is_set():
             with self._lock.read():
                 memory = self._memory
                 idle = self._idle()
+                bulk = background and self._bulk()
                 spaces: list[tuple[str | None, SegmentedSpace]] = [(None, memory.visual)]
                 spaces += list(memory.semantic.items())
-                due = [(head, space, mode) for head, space in spaces if (mode := space.build_due(idle)) is not None]
+                due = [
+                    (head, space, mode) for head, space in spaces if (mode := space.build_due(idle, bulk)) is not None
+                ]
             if not due:
                 return done
             head, space, mode = due[0]
@@ -114,6 +121,11 @@ class Builder:
             return np.asarray(got, dtype=np.int64), vecs
 
         return read
+
+    def _bulk(self) -> bool:
+        """Whether a bulk load is streaming in (writes at ann_bulk_write_rate or more): builds wait for it."""
+        rate = self._memory.settings.ann_bulk_write_rate
+        return rate > 0 and self._memory.write_rate() >= rate
 
     def _idle(self) -> bool:
         """Whether writes stopped long enough to fold small exact tails into their bases."""

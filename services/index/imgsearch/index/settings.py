@@ -41,6 +41,13 @@ class IndexSettings(ServerSettings):
         30.0, ge=0, description="after this long without writes, merge smaller tails too (0: never)"
     )
     ann_idle_merge_min: int = Field(1_000, ge=1, description="... tails of at least this many vectors")
+    ann_bulk_write_rate: float = Field(
+        2_000.0,
+        ge=0,
+        description="records/s written over the last 10 s from which the shard is taking a bulk load: background"
+        " builds then wait until it pauses or a tail holds ann_bulk_tail_max vectors (0: never wait)",
+    )
+    ann_bulk_tail_max: int = Field(500_000, ge=1, description="... vectors in a tail at which builds go ahead anyway")
     ann_merge_ratio: float = Field(0.05, ge=0, description="... or this fraction of the base, whichever is larger")
     ann_rebuild_dead_fraction: float = Field(
         0.25, gt=0, le=1, description="rebuild the base from scratch once this fraction of it is deleted/replaced"
@@ -109,6 +116,7 @@ class IndexSettings(ServerSettings):
             min_vectors=self.ann_min_vectors,
             merge_min=self.ann_merge_min,
             idle_merge_min=self.ann_idle_merge_min,
+            bulk_tail_max=self.ann_bulk_tail_max,
             merge_ratio=self.ann_merge_ratio,
             rebuild_dead_fraction=self.ann_rebuild_dead_fraction,
             hnsw_m=self.hnsw_m,

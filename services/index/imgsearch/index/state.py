@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,10 @@ class Delta:
     changes: int = 0
 
 
+# The window of Memory.write_rate(): long enough that a loader's pauses between requests do not end a bulk load.
+WRITE_RATE_WINDOW_S = 10.0
+
+
 class Memory:
     """Id map and FAISS indexes, plus where they stand against the change log. Callers hold the shard's locks."""
 
@@ -54,6 +59,9 @@ class Memory:
         # time.monotonic() of the last write applied (start counts as one): the builder folds exact tails into
         # their bases once writes stopped (IndexSettings.ann_idle_merge_seconds).
         self.last_write_s = time.monotonic()
+        # (time.monotonic(), changes) of the writes of the last WRITE_RATE_WINDOW_S: tells a bulk load from
+        # everyday writes (IndexSettings.ann_bulk_write_rate).
+        self._recent_writes: deque[tuple[float, int]] = deque()
 
     def space(self, which: Space, tail: Any | None = None) -> SegmentedSpace:
         s = self.settings
@@ -147,3 +155,15 @@ class Memory:
         self.applied_seq = delta.last_seq
         self.wal += delta.changes
         self.last_write_s = time.monotonic()
+        self._recent_writes.append((self.last_write_s, delta.changes))
+        self._forget_old_writes()
+
+    def write_rate(self) -> float:
+        """Changes per second over the last WRITE_RATE_WINDOW_S (callers hold the shard's lock, shared is enough)."""
+        horizon = time.monotonic() - WRITE_RATE_WINDOW_S
+        return sum(n for t, n in self._recent_writes if t >= horizon) / WRITE_RATE_WINDOW_S
+
+    def _forget_old_writes(self) -> None:
+        horizon = time.monotonic() - WRITE_RATE_WINDOW_S
+        while self._recent_writes and self._recent_writes[0][0] < horizon:
+            self._recent_writes.popleft()
