@@ -619,29 +619,30 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def stat_fields(stat: Path) -> list[str]:
+    """The fields of a /proc stat file after the command name (index 11/12: user/system ticks, 16: nice)."""
+    return stat.read_text().rsplit(")", 1)[1].split()
+
+
 def cpu_ticks(pids: Sequence[int]) -> int:
     total = 0
     for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = stat_fields(Path(f"/proc/{pid}/stat"))
         total += int(fields[11]) + int(fields[12])
     return total
 
 
 def niced_ticks(pid: int) -> int:
     """CPU ticks of a process's threads that run nicer than its main thread: a shard's background builder."""
-
-    def fields(stat: Path) -> list[str]:
-        return stat.read_text().rsplit(")", 1)[1].split()
-
-    main_nice = int(fields(Path(f"/proc/{pid}/stat"))[16])
+    main_nice = int(stat_fields(Path(f"/proc/{pid}/stat"))[16])
     total = 0
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            f = fields(task / "stat")
+            fields = stat_fields(task / "stat")
         except OSError:  # the thread ended meanwhile
             continue
-        if int(f[16]) > main_nice:
-            total += int(f[11]) + int(f[12])
+        if int(fields[16]) > main_nice:
+            total += int(fields[11]) + int(fields[12])
     return total
 
 

@@ -31,7 +31,7 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
-from imgsearch.index.indexes import IndexKind, Labels, Matrix, VectorSpace
+from imgsearch.index.indexes import IndexKind, Labels, Matrix, VectorSpace, contents
 
 log = logging.getLogger(__name__)
 
@@ -409,10 +409,7 @@ class SegmentedSpace:
 
 def export_tail(space: SegmentedSpace) -> tuple[Labels, Matrix]:
     """Every (label, vector) of the tail, as float32 (the float16 vectors the shard stores)."""
-    labels = space.tail.labels().copy()
-    inner = faiss.downcast_index(space.tail.cpu.index)
-    vecs = inner.reconstruct_n(0, inner.ntotal) if inner.ntotal else np.zeros((0, space.dim), np.float32)
-    return labels, np.asarray(vecs, dtype=np.float32)
+    return contents(space.tail.cpu)
 
 
 VectorSource = Callable[[Labels], Matrix]

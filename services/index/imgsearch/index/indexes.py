@@ -69,16 +69,26 @@ def new_cpu_index(kind: IndexKind, dim: int) -> Any:
     return faiss.index_factory(dim, kind.factory, faiss.METRIC_INNER_PRODUCT)
 
 
+def labels_of(index: Any) -> Labels:
+    """Every label of an IDMap2, in its inner index's storage order."""
+    return faiss.vector_to_array(index.id_map).astype(np.int64, copy=False)
+
+
+def contents(index: Any) -> tuple[Labels, Matrix]:
+    """Every (label, vector) of an IDMap2 over an exact index, in storage order, the vectors as float32."""
+    inner = faiss.downcast_index(index.index)
+    vecs = inner.reconstruct_n(0, inner.ntotal) if inner.ntotal else np.zeros((0, index.d), np.float32)
+    return labels_of(index), np.asarray(vecs, dtype=np.float32)
+
+
 def as_kind(index: Any, kind: IndexKind, dim: int) -> Any:
     """`index` (an IDMap2 over an exact index, e.g. read from a snapshot written under another exact kind) as an
     index of `kind` holding the same labels and vectors; the index itself when it already is one."""
     if isinstance(faiss.downcast_index(index.index), kind.inner):
         return index
     out = new_cpu_index(kind, dim)
-    if index.ntotal:
-        # An IDMap2's id_map lists its labels in the inner index's storage order.
-        labels = faiss.vector_to_array(index.id_map).astype(np.int64, copy=False)
-        out.add_with_ids(index.index.reconstruct_n(0, index.ntotal), labels)
+    labels, vecs = contents(index)
+    out.add_with_ids(vecs, labels)
     return out
 
 
@@ -157,7 +167,7 @@ class VectorSpace:
 
     def labels(self) -> Labels:
         """Every label held, in storage order."""
-        return faiss.vector_to_array(self.cpu.id_map).astype(np.int64, copy=False)
+        return labels_of(self.cpu)
 
     def copy_cpu(self) -> Any:
         """A deep copy of the CPU master, for writing a snapshot without holding the shard's lock."""
