@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from imgsearch.client import GatewayClient, ImageToAdd
+from imgsearch.client import GatewayClient
 from imgsearch.devstack import Stack, free_port_range
+from imgsearch.heads.model import read_head_manifest
+from imgsearch.training.served_retrieval import add_photos, caption_queries, served_recall, split_photos
 
 FLICKR = Path(__file__).resolve().parents[3] / "shared" / "data" / "flickr8k"
 
@@ -34,9 +36,7 @@ def client(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterato
     try:
         gateway = next(s for s in specs if s.name == "gateway").address
         with GatewayClient(gateway, timeout=300) as c:
-            names = (FLICKR / "splits" / "test.txt").read_text().split()
-            outcomes = c.add_images(ImageToAdd.from_path(FLICKR / "images" / n, Path(n).stem) for n in names)
-            assert all(o.ok for o in outcomes)
+            add_photos(c, split_photos(FLICKR))
             yield c
     finally:
         stack.down()
@@ -47,3 +47,17 @@ def test_two_dogs_in_the_snow_finds_a_matching_photo_first(client: GatewayClient
     assert res.head.startswith("default@")
     top = captions()[f"{res.hits[0].id}.jpg"]
     assert any("dog" in c for c in top) and any("snow" in c for c in top), top
+
+
+def test_served_search_ranks_as_the_heads_evaluation_says(client: GatewayClient) -> None:
+    """All 5000 test captions through the gateway: recall within the int8 models' allowance of the head file's
+    own fp32 evaluation (a served path that skipped the head's search hubness fold would lose about 2.4 R@10)."""
+    photos = split_photos(FLICKR)
+    result = served_recall(client, caption_queries(FLICKR, photos))
+    name, version = result.head.split("@")
+    manifest = read_head_manifest(Path(__file__).resolve().parents[2] / "heads" / f"{name}.npz")
+    assert manifest["version"] == version
+    recorded = manifest["metrics"]["test_t2i_r10"]
+    # The int8 quality gates allow 0.5 point of R@10 each for the image and the text model.
+    assert result.recall[10] >= recorded - 1.0, (result, recorded)
+    assert result.recall[1] <= result.recall[5] <= result.recall[10]

@@ -49,6 +49,10 @@ class Head(Protocol):
 
     def project_texts(self, embeddings: Matrix) -> Matrix: ...
 
+    def search_queries(self, vectors: Matrix) -> Matrix:
+        """Search queries in the space of `project_images` (projected texts, or stored image vectors)."""
+        ...
+
     def tag_direction(self, features: Matrix, logits: Matrix | None) -> Matrix: ...
 
     def tag_bias(self, projected_tags: Matrix) -> Matrix: ...
@@ -92,6 +96,9 @@ class ConSEHead:
 
     def project_texts(self, embeddings: Matrix) -> Matrix:
         return l2_normalise(embeddings)
+
+    def search_queries(self, vectors: Matrix) -> Matrix:
+        return l2_normalise(vectors)
 
     def tag_direction(self, features: Matrix, logits: Matrix | None) -> Matrix:
         return self.project_images(features, logits)
@@ -208,6 +215,21 @@ class TagMix:
 HUB_KINDS = ("csls", "inverted_softmax")
 
 
+def bank_hubness(vectors: Matrix, bank: Matrix, kind: str, k: int, temperature: float) -> Matrix:
+    """Hubness r of each unit row against a fixed bank: the mean cosine to its k nearest bank rows ("csls"), or
+    temperature * log(mean_j exp(cos_j / temperature)) ("inverted_softmax")."""
+    if vectors.shape[0] == 0:
+        return np.zeros(0, dtype=np.float32)
+    sims = (vectors @ bank.T).astype(np.float64)
+    if kind == "inverted_softmax":
+        z = sims / temperature
+        top = z.max(axis=1, keepdims=True)
+        lse = top[:, 0] + np.log(np.exp(z - top).mean(axis=1))
+        return (temperature * lse).astype(np.float32)
+    k = min(k, sims.shape[1])
+    return np.partition(sims, sims.shape[1] - k, axis=1)[:, -k:].mean(axis=1).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class TagHubness:
     """Hubness correction of tag scores: a per-tag penalty from the tag's similarity to a fixed image bank.
@@ -229,19 +251,66 @@ class TagHubness:
 
     def hubness(self, projected_tags: Matrix) -> Matrix:
         """r_t of each (projected, unit) tag."""
-        if projected_tags.shape[0] == 0:
-            return np.zeros(0, dtype=np.float32)
-        sims = (projected_tags @ self.bank.T).astype(np.float64)
-        if self.kind == "inverted_softmax":
-            z = sims / self.temperature
-            top = z.max(axis=1, keepdims=True)
-            lse = top[:, 0] + np.log(np.exp(z - top).mean(axis=1))
-            return (self.temperature * lse).astype(np.float32)
-        k = min(self.k, sims.shape[1])
-        return np.partition(sims, sims.shape[1] - k, axis=1)[:, -k:].mean(axis=1).astype(np.float32)
+        return bank_hubness(projected_tags, self.bank, self.kind, self.k, self.temperature)
 
     def penalty(self, projected_tags: Matrix) -> Matrix:
         return (self.weight * self.hubness(projected_tags)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class SearchHubness:
+    """Hubness correction of text -> image search, folded into the stored semantic vectors themselves.
+
+    The roles of TagHubness swapped: an image x gets a hubness r_x against a fixed bank of training captions,
+    and queries should rank images by cos(q, x) - d_x, with d_x = weight * (r_x - centre) (centre: the mean
+    r_x of the training images, so scores keep their level). d_x depends only on the image, so it is computed
+    once, when the image is projected, and it travels in the vector: every text the head projects is
+    orthogonal to `axis` (a direction the text model never uses: MiniLM's embeddings span fewer than 384
+    dimensions), so the image keeps only d_x there, as -d_x / scale, and a query gets the constant `scale`
+    there. Then q' . x' = (cos(q, x) - d_x) / (|q'| |x'|): HNSW, Flat, filters, paging and min_score all rank
+    by the corrected score with no change to the index or its contract. |q'| is the same for every image of a
+    query; |x'| differs from 1 by about (d_x / scale)^2 / 2, a few thousandths of a score at most.
+    """
+
+    bank: Matrix
+    weight: float
+    centre: float
+    axis: Matrix
+    scale: float
+    kind: str = "inverted_softmax"
+    k: int = 10
+    temperature: float = 0.05
+
+    def offsets(self, images: Matrix) -> Matrix:
+        """d_x of each unit image vector (unfolded)."""
+        r = bank_hubness(images, self.bank, self.kind, self.k, self.temperature)
+        return (self.weight * (r - self.centre)).astype(np.float32)
+
+    def fold_images(self, images: Matrix) -> Matrix:
+        """Unit image vectors that carry -d_x / scale along the axis instead of their own (unused) component."""
+        if images.shape[0] == 0:
+            return images
+        along = images @ self.axis
+        shift = along + self.offsets(images) / self.scale
+        return l2_normalise((images - shift[:, None] * self.axis[None, :]).astype(np.float32))
+
+    def fold_queries(self, vectors: Matrix) -> Matrix:
+        """Unit queries: the vector without its axis component (an image's offset, if it is one), plus scale
+        along the axis, so each image's offset counts once, with weight 1."""
+        if vectors.shape[0] == 0:
+            return vectors
+        flat = l2_normalise(vectors - (vectors @ self.axis)[:, None] * self.axis[None, :])
+        return l2_normalise((flat + self.scale * self.axis[None, :]).astype(np.float32))
+
+    def manifest(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "k": self.k,
+            "temperature": self.temperature,
+            "weight": self.weight,
+            "centre": self.centre,
+            "scale": self.scale,
+        }
 
 
 @dataclass
@@ -279,6 +348,8 @@ class LearnedHead:
     tag_gate_max: TagGate | None = None
     # Optional unnormalised ConSE/learned tag mixture (see TagMix); None: the normalised blend of `_blend`.
     tag_mix: TagMix | None = None
+    # Optional hubness correction of search (see SearchHubness): folded into project_images' vectors.
+    search_hub: SearchHubness | None = None
     _anchors: Matrix | None = None
     # The text adapter's inverse linear map and its offset through it (M^-1, b M^-1), for TagMix.
     _inverse: tuple[Matrix, Matrix] | None = None
@@ -310,7 +381,11 @@ class LearnedHead:
         return l2_normalise(weight * conse + (1.0 - weight) * learned)
 
     def project_images(self, features: Matrix, logits: Matrix | None) -> Matrix:
-        return self._blend(features, logits, self.conse_weight)
+        images = self._blend(features, logits, self.conse_weight)
+        return images if self.search_hub is None else self.search_hub.fold_images(images)
+
+    def search_queries(self, vectors: Matrix) -> Matrix:
+        return l2_normalise(vectors) if self.search_hub is None else self.search_hub.fold_queries(vectors)
 
     def tag_direction(self, features: Matrix, logits: Matrix | None) -> Matrix:
         if self.tag_gate is not None:
@@ -470,6 +545,33 @@ def _hub(arrays: dict[str, Matrix], spec: Any, text_dim: int, name: str) -> TagH
     return hub
 
 
+def _search_hub(arrays: dict[str, Matrix], spec: Any, text_dim: int, name: str) -> SearchHubness | None:
+    if spec is None:
+        return None
+    try:
+        bank = arrays[str(spec["bank"])].astype(np.float32)
+        axis = arrays[str(spec["axis"])].astype(np.float32)
+        hub = SearchHubness(
+            bank=l2_normalise(bank),
+            weight=float(spec["weight"]),
+            centre=float(spec["centre"]),
+            axis=l2_normalise(axis),
+            scale=float(spec["scale"]),
+            kind=str(spec.get("kind", "inverted_softmax")),
+            k=int(spec.get("k", 10)),
+            temperature=float(spec.get("temperature", 0.05)),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise InvalidArgument(f"{name}: search_hub is malformed ({exc})") from None
+    if hub.kind not in HUB_KINDS:
+        raise InvalidArgument(f"{name}: unknown search_hub kind {hub.kind!r} (known: {', '.join(HUB_KINDS)})")
+    if bank.ndim != 2 or bank.shape[0] == 0 or bank.shape[1] != text_dim or axis.shape != (text_dim,):
+        raise InvalidArgument(f"{name}: search_hub needs a non-empty (n, {text_dim}) bank and a ({text_dim},) axis")
+    if not (0.0 <= hub.weight <= 2.0 and hub.temperature > 0.0 and hub.scale > 0.0 and hub.k >= 1):
+        raise InvalidArgument(f"{name}: search_hub weight must be in [0, 2], its temperature, scale and k > 0")
+    return hub
+
+
 def _mix(spec: Any, text_layers: list[Layer], text_dim: int, name: str) -> TagMix | None:
     if spec is None:
         return None
@@ -552,6 +654,7 @@ def load_head(
     if gate_max is not None and gate is None:
         raise InvalidArgument(f"{path.name}: tag_gate_max needs a tag_gate")
     mix = _mix(manifest.get("tag_mix"), text_layers, text_dim, path.name)
+    search_hub = _search_hub(arrays, manifest.get("search_hub"), text_dim, path.name)
     uses_conse = max(conse_weight, tag_weight or 0.0, tag_penalty) > 0 or gate is not None or mix is not None
     if uses_conse and conse is None:
         raise FailedPrecondition(f"{path.name} blends with ConSE but no ConSE head is available")
@@ -575,6 +678,7 @@ def load_head(
         tag_hub=hub,
         tag_gate_max=gate_max,
         tag_mix=mix,
+        search_hub=search_hub,
         manifest=manifest,
         metrics=metrics,
     )

@@ -33,13 +33,17 @@ log = logging.getLogger("imgsearch.training.evaluate")
 
 
 def retrieval_metrics(head: Head, split: SplitData, views: Sequence[str] = ("orig",)) -> dict[str, float]:
-    """Text->image R@1/5/10/20, median rank and triplet accuracy; image->text R@1/5/10 (all in percent)."""
+    """Text->image R@1/5/10/20, median rank and triplet accuracy; image->text R@1/5/10 (all in percent).
+
+    Text->image ranks as the gateway searches: captions as the head's search queries against the images it
+    stores (with a search hubness correction, each image's offset counts); image->text against the plain
+    projected captions."""
     feats, logits = split.features.averaged(views)
     images = head.project_images(feats, logits if head.needs_logits else None)
     texts = head.project_texts(split.text_embeddings)
-    scores = (texts @ images.T).astype(np.float32)
+    scores = (head.search_queries(texts) @ images.T).astype(np.float32)
     ranks = target_ranks(scores, split.text_image)
-    i2t = best_of_ranks(scores.T.copy(), split.image_texts())
+    i2t = best_of_ranks((images @ texts.T).astype(np.float32), split.image_texts())
     out = {f"t2i_r{k}": recall_at(ranks, k) for k in (1, 5, 10, 20)}
     out["t2i_medr"] = median_rank(ranks)
     out["i2t_r1"], out["i2t_r5"], out["i2t_r10"] = (recall_at(i2t, k) for k in (1, 5, 10))
@@ -124,6 +128,9 @@ def describe(manifest: dict[str, Any]) -> str:
         # The tag columns use the tag setting (imgsearch.training.tagging), not the search blend.
         tag_w, tag_p = float(manifest["tag_conse_weight"]), float(manifest.get("tag_anchor_penalty", 0.0))
         parts.append(f"tags: blend {tag_w:.2f}, anchor penalty {tag_p:.2f}")
+    search_hub = manifest.get("search_hub")
+    if search_hub:
+        parts.append(f"search: hubness-corrected ({search_hub.get('bank_captions', '?')} captions, folded)")
     return ", ".join(p for p in parts if p)
 
 

@@ -505,9 +505,8 @@ class Gateway:
                 enc.features[None, :],
                 None if enc.logits is None else enc.logits[None, :],
             )
-            return await self.fan_out(
-                "SearchByImage", space, vectors[0], k, [], head_id(head), timeout, options, query_key
-            )
+            query = head.search_queries(vectors)[0]
+            return await self.fan_out("SearchByImage", space, query, k, [], head_id(head), timeout, options, query_key)
         query = enc.features / max(float(np.linalg.norm(enc.features)), 1e-12)
         return await self.fan_out("SearchByImage", space, query, k, [], "", timeout, options, query_key)
 
@@ -536,7 +535,7 @@ class Gateway:
         self, text: str, embedding: Matrix, k: int, timeout: float, options: SearchOptions
     ) -> SearchResult:
         head = self.heads.active()
-        vector = head.project_texts(embedding[None, :])[0]
+        vector = head.search_queries(head.project_texts(embedding[None, :]))[0]
         return await self.fan_out(
             "SearchByText",
             common_pb2.SPACE_SEMANTIC,
@@ -613,6 +612,8 @@ class Gateway:
         vector = record.semantics.get(head) if space == common_pb2.SPACE_SEMANTIC else record.visual
         if vector is None:
             raise FailedPrecondition(f"image {image_id!r} has no stored vector in that space")
+        if head:
+            vector = self.heads.catalog.get(head).search_queries(vector[None, :])[0]
         exclude = [] if include_self else [image_id]
         return await self.fan_out(
             "SearchById", space, vector, k, exclude, head, timeout, options, digest("id", image_id, str(include_self))
@@ -677,6 +678,8 @@ class Gateway:
             [vectors[i] for i in negative_ids],
             weights,
         )
+        if semantic:
+            query = self.heads.catalog.get(head).search_queries(query[None, :])[0]
         key = digest("examples", text, ",".join(positive_ids), "|", ",".join(negative_ids), weights.key())
         return await self.fan_out(
             "SearchByExamples", space, query, k, list(dict.fromkeys(ids)), head, timeout, options, key
