@@ -84,14 +84,27 @@ async def searches(c: ShardClient, ks: list[int]) -> list[Any]:
     )
 
 
-async def concurrent(stub: FakeIndexStub, c: ShardClient, ks: list[int]) -> list[Any]:
-    """The first search finds the shard idle; the rest arrive while it is busy."""
-    stub.gate.clear()
-    task = asyncio.ensure_future(searches(c, ks))
+async def settle() -> None:
     for _ in range(5):
         await asyncio.sleep(0)
+
+
+async def concurrent(stub: FakeIndexStub, c: ShardClient, ks: list[int]) -> list[Any]:
+    """The first search finds the shard idle and goes out; the rest arrive while it is busy."""
+    stub.gate.clear()
+    first = asyncio.ensure_future(searches(c, ks[:1]))
+    await settle()
+    rest = asyncio.ensure_future(searches(c, ks[1:]))
+    await settle()
     stub.gate.set()
-    return await task
+    return [*(await first), *(await rest)]
+
+
+async def test_searches_made_together_leave_as_one_search_batch() -> None:
+    stub = FakeIndexStub()
+    results = await searches(client(stub), [1, 2, 3])
+    assert stub.calls == [("SearchBatch", 3)]
+    assert [r[0].id for r in results] == ["k1", "k2", "k3"]
 
 
 async def test_searches_that_arrive_while_the_shard_is_busy_share_one_search_batch() -> None:
@@ -124,11 +137,12 @@ async def test_single_id_gets_with_vectors_share_one_get_and_each_caller_sees_on
     stub = FakeIndexStub()
     c = client(stub)
     stub.gate.clear()
-    task = asyncio.ensure_future(asyncio.gather(*(c.get([i], True, 5.0) for i in ("a", "b", "missing-1", "b"))))
-    for _ in range(5):
-        await asyncio.sleep(0)
+    first = asyncio.ensure_future(c.get(["a"], True, 5.0))
+    await settle()
+    task = asyncio.ensure_future(asyncio.gather(*(c.get([i], True, 5.0) for i in ("b", "missing-1", "b"))))
+    await settle()
     stub.gate.set()
-    results = await task
+    results = [await first, *(await task)]
     assert stub.calls == [("Get", 1), ("Get", 2)], "the duplicate id is asked for once"
     assert [[r.id for r in found] for found, _ in results] == [["a"], ["b"], [], ["b"]]
     assert [missing for _, missing in results] == [[], [], ["missing-1"], []]

@@ -67,12 +67,28 @@ async def test_batches_respect_max_batch_and_max_inflight() -> None:
     c: Coalescer[int, int] = Coalescer(peer.send, peer="the peer", max_batch=3, max_inflight=2)
     calls = [asyncio.ensure_future(c.call(x, 5.0)) for x in range(8)]
     await settle()
-    # The first call found a free slot, the second call the other one; the rest wait for a slot.
-    assert peer.batches == [[0], [1]]
-    assert c.inflight == 2
+    # All eight calls were made in one turn of the loop: the two free slots each took a full batch of what was
+    # queued when they started; the rest wait for a slot.
+    assert peer.batches == [[0, 1, 2], [3, 4, 5]]
+    assert (c.inflight, c.queued) == (2, 2)
     peer.release.set()
     assert await asyncio.gather(*calls) == [x * 10 for x in range(8)]
-    assert peer.batches[2:] == [[2, 3, 4], [5, 6, 7]]
+    assert peer.batches[2:] == [[6, 7]]
+
+
+async def test_calls_made_in_the_same_turn_leave_together_but_a_later_one_goes_alone() -> None:
+    peer = FakePeer()
+    peer.release.set()
+    c: Coalescer[int, int] = Coalescer(peer.send, peer="the peer", max_inflight=1)
+
+    async def fan_out(items: list[int]) -> list[int]:
+        # As the gateway does with the queries of one encoder batch: one task per item, started together.
+        return list(await asyncio.gather(*(c.call(x, 5.0) for x in items)))
+
+    assert await fan_out([1, 2, 3]) == [10, 20, 30]
+    assert await c.call(4, 5.0) == 40
+    assert peer.batches == [[1, 2, 3], [4]]
+    assert (c.inflight, c.queued) == (0, 0)
 
 
 async def test_an_error_for_the_whole_batch_reaches_every_caller_and_the_next_batch_still_goes() -> None:

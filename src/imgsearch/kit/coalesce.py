@@ -32,10 +32,12 @@ class _Pending(Generic[T, R]):
 class Coalescer(Generic[T, R]):
     """Calls to one peer, batched while the peer is busy.
 
-    A call goes out at once when fewer than `max_inflight` batches are in flight, so a lone caller pays no
-    latency; calls that arrive while the peer is busy queue, and the next free slot sends all of them (up to
-    `max_batch`) as one batch. Under load the peer then pays its per-call cost (gRPC, interceptors, logging) once
-    per batch instead of once per query, and the batch size follows the load with no timer to tune.
+    A call goes out on the event loop's next turn when fewer than `max_inflight` batches are in flight, so a lone
+    caller pays no timer, only that turn; calls made in the same turn leave with it (the queries of one encoder
+    batch fanning out to a shard, say, go as one call instead of one call plus a batch of the rest). Calls that
+    arrive while the peer is busy queue, and the next free slot sends all of them (up to `max_batch`) as one
+    batch. Under load the peer then pays its per-call cost (gRPC, interceptors, logging) once per batch instead
+    of once per query, and the batch size follows the load with no timer to tune.
 
     Each caller keeps its own deadline: a batch is sent with the latest deadline among its items, and an item
     whose own deadline passes first fails alone with DEADLINE_EXCEEDED (the batch goes on for the others).
@@ -59,6 +61,8 @@ class Coalescer(Generic[T, R]):
         self._observe = observe
         self._queue: deque[_Pending[T, R]] = deque()
         self._inflight = 0
+        # Batches started but not yet taken from the queue (each takes up to max_batch on its first step).
+        self._starting = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -85,23 +89,30 @@ class Coalescer(Generic[T, R]):
             )
 
     def _pump(self) -> None:
-        while self._inflight < self.max_inflight and self._queue:
-            batch: list[_Pending[T, R]] = []
-            while self._queue and len(batch) < self.max_batch:
-                pending = self._queue.popleft()
-                # Expired or cancelled while queued: nobody waits for its answer any more.
-                if not pending.future.done():
-                    batch.append(pending)
-            if not batch:
-                return
+        # A started batch takes what is queued when its task first runs, on the loop's next turn.
+        while self._inflight < self.max_inflight and len(self._queue) > self._starting * self.max_batch:
             self._inflight += 1
-            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self._starting += 1
+            task = asyncio.get_running_loop().create_task(self._run())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, batch: list[_Pending[T, R]]) -> None:
+    def _take(self) -> list[_Pending[T, R]]:
+        batch: list[_Pending[T, R]] = []
+        while self._queue and len(batch) < self.max_batch:
+            pending = self._queue.popleft()
+            # Expired or cancelled while queued: nobody waits for its answer any more.
+            if not pending.future.done():
+                batch.append(pending)
+        return batch
+
+    async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        self._starting -= 1
+        batch = self._take()
         try:
+            if not batch:
+                return
             if self._observe is not None:
                 self._observe(len(batch))
             timeout = max(0.001, max(p.deadline for p in batch) - loop.time())
