@@ -351,15 +351,22 @@ def make_info() -> ModelInfo:
 
 
 def write_linear_head(
-    heads_dir: Path, name: str, seed: int, conse_weight: float = 0.0, feature_norm: str = "l2", bias: float = 0.0
+    heads_dir: Path,
+    name: str,
+    seed: int,
+    conse_weight: float = 0.0,
+    feature_norm: str = "l2",
+    bias: float = 0.0,
+    version: str = "1",
+    stem: str | None = None,
 ) -> str:
-    """A linear head file (optionally blended with ConSE); returns its id name@version."""
+    """A linear head file `<stem or name>.npz` (optionally blended with ConSE); returns its id name@version."""
     rng = np.random.default_rng(seed)
     save_head(
-        heads_dir / f"{name}.npz",
+        heads_dir / f"{stem or name}.npz",
         {
             "name": name,
-            "version": "1",
+            "version": version,
             "kind": "linear",
             "image_model": IMAGE_MODEL_VERSION,
             "feature_dim": FEATURE_DIM,
@@ -373,7 +380,7 @@ def write_linear_head(
             "b": (bias * rng.standard_normal(TEXT_DIM)).astype(np.float32),
         },
     )
-    return f"{name}@1"
+    return f"{name}@{version}"
 
 
 def make_catalog(heads_dir: Path) -> HeadCatalog:

@@ -149,7 +149,8 @@ class HeadCatalog:
             return self.heads[self.aliases[spec]]
         named = [h for h in self.heads.values() if h.name == spec]
         if named:
-            return max(named, key=lambda h: h.version)
+            # Versions are numbers as training writes them ("10" is newer than "9"); others sort after none.
+            return max(named, key=lambda h: (int(h.version) if h.version.isdigit() else -1, h.version))
         raise NotFound(f"no head {spec!r}; available: {', '.join(sorted(self.heads))}")
 
     def get(self, hid: str) -> Head:
