@@ -183,6 +183,8 @@ class FakeShard:
     refused: list[str] = field(default_factory=list)
     backfilled: dict[str, list[str]] = field(default_factory=dict)
     searches: list[tuple[int, str]] = field(default_factory=list)
+    # The query vector of every search, in order.
+    queries: list[Matrix] = field(default_factory=list)
 
     def _check(self) -> None:
         if self.down:
@@ -214,6 +216,7 @@ class FakeShard:
                 raise PeerError(grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline exceeded waiting for {self.name}")
         head = (head or self.config.active) if space == SPACE_SEMANTIC else ""
         self.searches.append((space, head))
+        self.queries.append(np.array(query, dtype=np.float32))
         o = options or ShardQuery()
 
         def allowed(r: FakeRecord) -> bool:
