@@ -269,7 +269,8 @@ class SearchHubness:
     dimensions), so the image keeps only d_x there, as -d_x / scale, and a query gets the constant `scale`
     there. Then q' . x' = (cos(q, x) - d_x) / (|q'| |x'|): HNSW, Flat, filters, paging and min_score all rank
     by the corrected score with no change to the index or its contract. |q'| is the same for every image of a
-    query; |x'| differs from 1 by about (d_x / scale)^2 / 2, a few thousandths of a score at most.
+    query; |x'| differs from 1 by about (d_x / scale)^2 / 2: 0.002 for a typical image of the shipped default
+    (d_x about 0.03 at scale 0.5), 0.02 for its strongest hubs.
     """
 
     bank: Matrix
