@@ -100,6 +100,7 @@ LITE1_DIR := training/cache/models-lite1
 train: $(MODEL_STAMP)  ## train the default projection head on Flickr8k (seeded) into heads/default.npz
 	$(PY) -m imgsearch.training.train --data $(FLICKR8K) --out heads/default.npz --conse-weight 0.2
 	$(PY) -m imgsearch.training.photo_gate --data $(dir $(FLICKR8K)) --head heads/default.npz --json docs/evaluation.json
+	$(PY) -m imgsearch.training.retrieval_hubness --data $(FLICKR8K) --bank-sizes 5000 --write heads/default.npz
 	$(PY) -m imgsearch.training.kinds --data $(dir $(FLICKR8K)) --heads heads --annotate
 
 experiments: $(MODEL_STAMP)  ## train every head variant compared in docs/evaluation.md (long)

@@ -12,7 +12,8 @@ from pathlib import Path
 import click
 import pytest
 
-from imgsearch.client.cli import cli, main
+from imgsearch.client.cli import cli, head_lines, main
+from imgsearch.client.domain import HeadInfo
 from tests.unit.test_client import PNG, FakeGateway, serve
 
 
@@ -233,3 +234,22 @@ def test_the_installed_command_never_shows_a_traceback() -> None:
         )
         assert proc.returncode != 0 and "Traceback" not in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_heads_list_says_what_each_head_is_for_its_headline_figures_and_which_are_superseded() -> None:
+    figures = {"test_t2i_r1": 26.58, "test_t2i_r10": 69.38, "kinds_test_flickr_miap": 40.53, "dev_x": 1.0}
+    heads = [
+        HeadInfo("default", "5", "linear", True, figures, "m@1", description="all kinds of photos"),
+        HeadInfo("default", "4", "linear", False, {"test_t2i_r10": 67.02}, "m@1", description="all kinds of photos"),
+        HeadInfo("custom", "10", "mlp", False, {"b": 2.0, "a": 0.5}, "m@1", building=True),
+        HeadInfo("custom", "9", "mlp", False, {}, "m@1", description="older"),
+    ]
+    assert head_lines(heads) == [
+        "* default@5  (linear)  all kinds of photos",
+        "      Flickr8k text->image R@1 26.6, R@10 69.4, tag MiAP 40.5",
+        "  default@4  (linear)  superseded by default@5 (kept for clusters that still run it)",
+        "      R@10 67.0",
+        "+ custom@10  (mlp)",
+        "      a=0.5, b=2",
+        "  custom@9  (mlp)  superseded by custom@10 (kept for clusters that still run it)",
+    ]

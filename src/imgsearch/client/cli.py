@@ -26,6 +26,7 @@ from imgsearch.client.domain import (
     DEFAULT_K,
     FILTER_NAMES,
     SPACE_NAMES,
+    HeadInfo,
     HeadSwitchStatus,
     ImageToAdd,
     ItemOutcome,
@@ -636,13 +637,44 @@ def heads_list_cmd() -> int:
     with settings().client() as client:
         heads = client.list_heads()
         status = client.head_status()
+    emit({"heads": heads, "status": status}, "\n".join([*head_lines(heads), *status_lines(status)]))
+    return 0
+
+
+# The figures `heads list` shows from a head's manifest, when it has them (make eval / training write them).
+HEADLINE_METRICS = (
+    ("test_t2i_r1", "Flickr8k text->image R@1"),
+    ("test_t2i_r10", "R@10"),
+    ("kinds_test_flickr_miap", "tag MiAP"),
+    ("kinds_test_imagenette_hit@1", "Imagenette tag hit@1"),
+    ("kinds_test_imagenette_hit@5", "hit@5"),
+    ("kinds_test_caltech_unseen_hit@5", "Caltech unseen-tag hit@5"),
+)
+
+
+def _version_key(version: str) -> tuple[int, str]:
+    return (int(version) if version.isdigit() else -1, version)
+
+
+def head_lines(heads: list[HeadInfo]) -> list[str]:
+    """Per head: mark, id, kind and what it is for; then its headline evaluation figures (or the first few)."""
+    newest: dict[str, str] = {}
+    for h in heads:
+        if h.name not in newest or _version_key(h.version) > _version_key(newest[h.name]):
+            newest[h.name] = h.version
     lines = []
     for h in heads:
-        shown = ", ".join(f"{k}={v:.3g}" for k, v in sorted(h.metrics.items())[:6])
         mark = "*" if h.active else ("+" if h.building else " ")
-        lines.append(f"{mark} {h.name}@{h.version}  ({h.kind})  {shown}".rstrip())
-    emit({"heads": heads, "status": status}, "\n".join([*lines, *status_lines(status)]))
-    return 0
+        use = h.description
+        if h.version != newest[h.name]:
+            use = f"superseded by {h.name}@{newest[h.name]} (kept for clusters that still run it)"
+        lines.append(f"{mark} {h.name}@{h.version}  ({h.kind})  {use}".rstrip())
+        figures = [f"{label} {h.metrics[key]:.1f}" for key, label in HEADLINE_METRICS if key in h.metrics]
+        if not figures:
+            figures = [f"{k}={v:.3g}" for k, v in sorted(h.metrics.items())[:6]]
+        if figures:
+            lines.append(f"      {', '.join(figures)}")
+    return lines
 
 
 @heads_group.command("activate")

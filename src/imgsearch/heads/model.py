@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 Matrix = npt.NDArray[np.float32]
 HEAD_FORMAT = "imgsearch-head/1"
+CONSE_DESCRIPTION = "training-free; objects of ImageNet-like classes"
 
 
 def l2_normalise(x: Matrix) -> Matrix:
@@ -78,6 +79,8 @@ class ConSEHead:
     version: str = "1"
     kind: str = "conse"
     metrics: dict[str, float] = field(default_factory=dict)
+    # What it is for, as a head file's manifest says it (`imgsearch heads list`, the evaluation tables).
+    manifest: dict[str, Any] = field(default_factory=lambda: {"description": CONSE_DESCRIPTION})
 
     @property
     def needs_logits(self) -> bool:

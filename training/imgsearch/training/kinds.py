@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from imgsearch.heads import ConSEHead, Head, load_head, read_head_manifest, save_head
+from imgsearch.heads.model import CONSE_DESCRIPTION
 from imgsearch.kit.errors import ImgsearchError
 from imgsearch.training.data import SplitData, prepare
 from imgsearch.training.features import OnnxTextModel, cached_text_embeddings
@@ -126,7 +127,7 @@ def kinds_markdown(rows: Sequence[dict[str, Any]]) -> str:
 
 def heads_to_rank(heads: Sequence[Path], image_model: str, conse: ConSEHead) -> list[tuple[str, Head, str]]:
     """ConSE (as the tagger serves it) and every installed head file that loads for this image model."""
-    out: list[tuple[str, Head, str]] = [("conse", conse, "training-free; objects of ImageNet-like classes")]
+    out: list[tuple[str, Head, str]] = [("conse", conse, CONSE_DESCRIPTION)]
     files = sorted(f for p in heads if p.is_dir() for f in p.glob("*.npz") if not f.name.endswith(".tmp.npz"))
     files += [p for p in heads if p.is_file()]
     for f in files:
