@@ -21,7 +21,7 @@ MODEL_STAMP := $(MODEL_DIR)/manifest.json
 export IMGSEARCH_MODEL_DIR := $(abspath $(MODEL_DIR))
 
 .PHONY: help install protos models run up down status test test-unit test-integration lint buf-lint buf-breaking bench bench-gpu \
-        k8s-validate train experiments eval clean
+        k8s-validate train experiments eval eval-served clean
 
 help:  ## list targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -106,6 +106,9 @@ train: $(MODEL_STAMP)  ## train the default projection head on Flickr8k (seeded)
 experiments: $(MODEL_STAMP)  ## train every head variant compared in docs/evaluation.md (long)
 	$(PY) -m imgsearch.models.export --model-dir $(LITE1_DIR) --image-model efficientnet-lite1
 	$(PY) -m imgsearch.training.experiments --data $(FLICKR8K) --larger-model-dir $(LITE1_DIR)
+
+eval-served: $(MODEL_STAMP)  ## text->image recall through a fresh local stack (Flickr8k test, active head)
+	$(PY) -m imgsearch.training.served_retrieval --data $(FLICKR8K)
 
 eval: $(MODEL_STAMP)  ## evaluate ConSE and every head; prints the table, writes docs/evaluation.{md,json}
 	$(PY) -m imgsearch.training.evaluate --data $(FLICKR8K) --model-dir $(MODEL_DIR) --model-dir $(LITE1_DIR) \
