@@ -426,7 +426,7 @@ def full_decode_thumbnail(data: bytes, px: int) -> np.ndarray:
     """A thumbnail from the full-resolution decode, through the same JPEG quality: the best one can make."""
     with Image.open(io.BytesIO(data)) as im:
         rgb = ImageOps.exif_transpose(im).convert("RGB")
-    rgb.thumbnail((px, px))  # Pillow's own recipe: bicubic, reducing_gap 2
+    rgb.thumbnail((px, px), imaging.THUMBNAIL_RESAMPLE)  # Image.thumbnail with the served filter
     return thumbnail_pixels(encode(rgb, "JPEG", quality=80))
 
 
