@@ -19,11 +19,12 @@ from PIL import Image
 from imgsearch.api.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from imgsearch.client import AsyncGatewayClient, GatewayClient, ImageToAdd, ItemOutcome
 from imgsearch.devstack import Stack
+from imgsearch.gateway.settings import GatewaySettings
 from tests.harness import free_port_range
 
 pytestmark = pytest.mark.slow
 
-BATCH = 16  # the gateway's default add_batch_size
+BATCH = GatewaySettings.model_fields["add_batch_size"].default
 
 
 @pytest.fixture(scope="module")

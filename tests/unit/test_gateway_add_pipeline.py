@@ -130,6 +130,51 @@ async def test_a_fast_sender_is_held_back_while_the_pipeline_is_full(
     assert not pipeline_tasks()
 
 
+async def test_large_images_close_batches_by_bytes_and_hold_the_sender_back_by_bytes(
+    parts: tuple[Gateway, SlowEncoder, list[FakeShard]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Images of a third of ADD_BATCH_MAX_BYTES: batches of 3 (not add_batch_size 4), and the receiver stops
+    reading once a batch's worth of bytes waits, so the call holds the depth's batches plus about one more."""
+    gw, encoder, _ = parts
+    monkeypatch.setattr(core, "ADD_BATCH_MAX_BYTES", 3000)
+    encoder.gate = asyncio.Event()
+    pulled = 0
+    sizes: list[int] = []
+    plain_encode = FakeEncoder.encode_images
+
+    async def recording(self: FakeEncoder, images: Sequence[tuple[bytes, str]], *args: object) -> list[EncodedImage]:
+        sizes.append(len(images))
+        return await plain_encode(self, images, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(FakeEncoder, "encode_images", recording)
+
+    async def endless() -> AsyncIterator[NewImage]:
+        nonlocal pulled
+        for i in range(10_000):
+            pulled += 1
+            yield NewImage(f"big-{i}", bytes([i % 256]) * 1000, {}, f"{i}.jpg")
+
+    async def consume() -> int:
+        count = 0
+        async with contextlib.aclosing(gw.add_images_stream(endless(), lambda: TIMEOUT)) as results:
+            async for done in results:
+                count += len(done)
+                if count >= 12:
+                    break
+        return count
+
+    task = asyncio.create_task(consume())
+    await asyncio.sleep(0.3)
+    # DEPTH batches of 3 taken, 3 images' worth of bytes waiting, and the one the receiver holds.
+    assert pulled <= (core.ADD_PIPELINE_DEPTH + 1) * 3 + 1, pulled
+    assert encoder.active == core.ADD_PIPELINE_DEPTH
+    encoder.gate.set()
+    assert await asyncio.wait_for(task, 10) >= 12
+    assert sizes and max(sizes) == 3
+    await asyncio.sleep(0.05)
+    assert not pipeline_tasks()
+
+
 async def test_a_pausing_sender_gets_its_partial_batch_stored_without_waiting_for_more(
     parts: tuple[Gateway, SlowEncoder, list[FakeShard]],
 ) -> None:

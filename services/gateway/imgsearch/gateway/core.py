@@ -259,8 +259,8 @@ class Gateway:
         """Yield the results of each batch of streamed images as soon as it is stored (or has failed).
 
         A bounded pipeline overlaps the stages: while one batch is written to the shards, the next ones are
-        decoded and encoded and more images are received, at most ADD_PIPELINE_DEPTH batches (and about
-        ADD_INFLIGHT_BYTES of image data) at a time, so a fast sender is slowed by gRPC flow control rather
+        decoded and encoded and more images are received, at most ADD_PIPELINE_DEPTH batches (of at most
+        ADD_BATCH_MAX_BYTES of image data each) at a time, so a fast sender is slowed by gRPC flow control rather
         than buffered. Batches are written to the shards in stream order, so a later image with the same id
         still replaces an earlier one. A failure of a whole call (the encoder unreachable) fails the stream.
         """
@@ -771,12 +771,16 @@ class Gateway:
 
 # ---- the add pipeline -------------------------------------------------------------------------------
 
-# Batches between receiving and storing at once: one being received, two at the encoder (one per worker
-# on a 2-core encoder, or its decode overlapping the other's inference) and one being written.
-ADD_PIPELINE_DEPTH = 4
-# Image bytes held by one call at most (a batch is closed early when it reaches its share): camera photos
-# are several MiB each, so the depth alone would not bound memory.
-ADD_INFLIGHT_BYTES = 128 * 1024 * 1024
+# Batches between receiving and storing at once: one being received and two at the encoder (one decoding
+# while the other runs the model: the encoder decodes a whole call before its inference) or being written.
+# With batches of add_batch_size 64 this measured faster than 2 or 4 (docs/benchmarks.md); at most 128 of a
+# stream's images then wait in the encoder's queue, which every stream into that encoder shares.
+ADD_PIPELINE_DEPTH = 3
+# A batch is closed early when its images reach this many bytes: camera photos are several MiB each, and
+# their decoding, not a call's overhead, is their cost. Small batches of them start the pipeline sooner
+# (12 MP photos ingested 10 % faster than with 42 MiB batches) and bound the image data one call holds: the
+# depth's batches plus what waits to be batched, about 4 x 16 MiB.
+ADD_BATCH_MAX_BYTES = 16 * 1024 * 1024
 # A partial batch goes to the encoder when the sender pauses this long, so a slow sender still sees
 # progress instead of waiting for a batch to fill.
 ADD_LINGER_S = 0.025
@@ -791,8 +795,11 @@ class _AddPipeline:
         self.gw = gateway
         self.timeout = timeout
         self.batch_size = gateway.settings.add_batch_size
-        self.batch_bytes = max(1, ADD_INFLIGHT_BYTES // ADD_PIPELINE_DEPTH)
+        self.batch_bytes = ADD_BATCH_MAX_BYTES
         self.slots = asyncio.Semaphore(ADD_PIPELINE_DEPTH)
+        # Image bytes received and not yet in a batch, and a signal each time the batcher takes one.
+        self.inbox_bytes = 0
+        self.inbox_taken = asyncio.Event()
         # Finished batches' results, or an exception that ends the call, or _END.
         self.out: asyncio.Queue[list[AddResult] | BaseException | object] = asyncio.Queue()
         self.tasks: set[asyncio.Task[None]] = set()
@@ -831,18 +838,23 @@ class _AddPipeline:
                 await self.slots.acquire()
                 try:
                     while len(batch) < self.batch_size and size < self.batch_bytes:
-                        if batch:
+                        if not batch:
+                            item = await inbox.get()
+                        elif not inbox.empty():
+                            # Already received: no timer needed (wait_for costs a task per image).
+                            item = inbox.get_nowait()
+                        else:
                             try:
                                 item = await asyncio.wait_for(inbox.get(), ADD_LINGER_S)
                             except TimeoutError:
                                 break
-                        else:
-                            item = await inbox.get()
                         if item is _END:
                             ended = True
                             break
                         room.release()
                         assert isinstance(item, NewImage)
+                        self.inbox_bytes -= len(item.data)
+                        self.inbox_taken.set()
                         batch.append((self.received, item))
                         self.received += 1
                         size += len(item.data)
@@ -877,8 +889,13 @@ class _AddPipeline:
         try:
             async for image in stream:
                 inbox.put_nowait(image)
-                # Stop reading (gRPC flow control then slows the sender) while a batch's worth is waiting.
+                self.inbox_bytes += len(image.data)
+                # Stop reading (gRPC flow control then slows the sender) while a batch's worth is waiting, in
+                # images or in bytes.
                 await room.acquire()
+                while self.inbox_bytes >= self.batch_bytes:
+                    self.inbox_taken.clear()
+                    await self.inbox_taken.wait()
         finally:
             # Also on error: the batcher must not wait for more; the error comes from awaiting this task.
             inbox.put_nowait(_END)
