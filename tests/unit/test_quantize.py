@@ -6,6 +6,7 @@ import asyncio
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from imgsearch.heads import ConSEHead, load_head
 from imgsearch.kit.errors import FailedPrecondition
 from imgsearch.models.imaging import ImageLimits, decode_image
 from imgsearch.models.manifest import MANIFEST_NAME, Int8Model, ModelManifest, QualityGate, file_sha256
-from imgsearch.models.quantize import calibration_pixels, int8_file_name, quantize_image_model
+from imgsearch.models.quantize import calibration_pixels, feed_pixels_directly, int8_file_name, quantize_image_model
 from imgsearch.models.runtime import CPU, ImageModel, ImagePrecision, RuntimeOptions, choose_image_variant
 from tests.conftest import sample_path
 
@@ -141,6 +142,91 @@ def quantised(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     q = Int8Model(int8_name, file_sha256(out / int8_name), fp32.image_sha256, calibration, method)
     replace(fp32, image_int8=q).save(out)
     return out
+
+
+def _normalising_stem(weights: np.ndarray, bias_q: np.ndarray, w_scale: np.ndarray) -> Any:
+    """The exported model's start as quantize_static leaves it: uint8 NHWC pixels, float normalisation
+    (p / 255 - 0.5) / 0.5, QuantizeLinear / DequantizeLinear (scale 2/255, zero point 128), and a 3x3 stride-2
+    convolution with int8 weights and an int32 bias, padded at the bottom and right like the real stem."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    s = np.float32(2 / 255)
+    inits = [
+        numpy_helper.from_array(np.array(255, np.float32), "c255"),
+        numpy_helper.from_array(np.array(0.5, np.float32), "c05"),
+        numpy_helper.from_array(np.array(s, np.float32), "x_scale"),
+        numpy_helper.from_array(np.array(128, np.uint8), "x_zero"),
+        numpy_helper.from_array(weights, "w_q"),
+        numpy_helper.from_array(w_scale, "w_scale"),
+        numpy_helper.from_array(np.zeros(len(w_scale), np.int8), "w_zero"),
+        numpy_helper.from_array(bias_q, "b_q"),
+        numpy_helper.from_array((s * w_scale).astype(np.float32), "b_scale"),
+        numpy_helper.from_array(np.zeros(len(w_scale), np.int32), "b_zero"),
+    ]
+    nodes = [
+        helper.make_node("Transpose", ["pixels"], ["t"], perm=[0, 3, 1, 2]),
+        helper.make_node("Cast", ["t"], ["f"], to=TensorProto.FLOAT),
+        helper.make_node("Div", ["f", "c255"], ["d"]),
+        helper.make_node("Sub", ["d", "c05"], ["u"]),
+        helper.make_node("Div", ["u", "c05"], ["x"]),
+        helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zero"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zero"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zero"], ["w"], axis=0),
+        helper.make_node("DequantizeLinear", ["b_q", "b_scale", "b_zero"], ["b"], axis=0),
+        helper.make_node("Conv", ["xd", "w", "b"], ["out"], strides=[2, 2], pads=[0, 0, 1, 1], kernel_shape=[3, 3]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "stem",
+        [helper.make_tensor_value_info("pixels", TensorProto.UINT8, [None, 16, 16, 3])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_pixels_feed_the_first_convolution_directly_with_its_bias_absorbing_the_shift() -> None:
+    import onnx
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    weights = rng.integers(-127, 128, (4, 3, 3, 3), dtype=np.int8)
+    w_scale = np.array([0.01, 0.02, 0.005, 0.03], np.float32)
+    bias_q = rng.integers(-5000, 5000, 4).astype(np.int32)
+    model = _normalising_stem(weights, bias_q, w_scale)
+    folded = onnx.load_from_string(model.SerializeToString())
+    assert feed_pixels_directly(folded)
+    assert [n.op_type for n in folded.graph.node if n.op_type in ("Cast", "Div", "Sub", "QuantizeLinear")] == []
+    assert not feed_pixels_directly(folded)  # nothing left to fold: the graph is left alone
+    # The bias grows by half the sum of each filter's int8 weights (s/2 per input, in the bias's units).
+    shifted = {t.name: t for t in folded.graph.initializer}["b_q"]
+    expected = bias_q + np.rint(weights.reshape(4, -1).astype(np.int64).sum(1) / 2).astype(np.int32)
+    assert np.array_equal(onnx.numpy_helper.to_array(shifted), expected)
+
+    pixels = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    x = (pixels.astype(np.float64) / 255 - 0.5) / 0.5  # the exact normalisation, no quantisation
+    w = weights.astype(np.float64) * w_scale[:, None, None, None]
+    b = bias_q * (2 / 255) * w_scale.astype(np.float64)
+    padded = np.pad(x.transpose(0, 3, 1, 2), ((0, 0), (0, 0), (0, 1), (0, 1)))
+    exact = np.stack(
+        [
+            np.einsum("ncij,kcij->nk", padded[:, :, 2 * r : 2 * r + 3, 2 * c : 2 * c + 3], w) + b
+            for r in range(8)
+            for c in range(8)
+        ],
+        axis=-1,
+    ).reshape(2, 4, 8, 8)
+
+    def run(m: Any) -> np.ndarray:
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            None, {"pixels": pixels}
+        )[0]
+
+    inner = (slice(None), slice(None), slice(0, 7), slice(0, 7))  # outputs that read no padding
+    # Exact but for the bias's rounding to whole int32 units: half a unit, (s/2) * the weight scale.
+    assert np.abs(run(folded) - exact)[inner].max() <= 0.5 * (2 / 255) * float(w_scale.max()) + 1e-5
+    # The float round trip it replaces was off by up to half a step on every pixel.
+    assert np.abs(run(model) - exact)[inner].max() > 10 * np.abs(run(folded) - exact)[inner].max()
 
 
 def test_calibration_images_are_deterministic_and_varied() -> None:
