@@ -80,8 +80,8 @@ class GatewaySettings(ServerSettings):
     max_query_chars: int = Field(1000, ge=1)
     max_ids_per_request: int = Field(1000, ge=1)
     max_id_chars: int = Field(256, ge=1)
-    # Every batch costs the stack one encoder call and one durable Upsert per shard: at 64 the whole stack spent
-    # 6.7-7.6 ms of CPU per 224-px photo against 7.8-9.2 at 16 (benchmarks/bench_ingest.py --configs).
+    # Every batch costs the stack one encoder call and one durable Upsert per shard: at 64 the gateway and the
+    # shards spent 0.8-1.1 ms of CPU per 224-px photo against 1.4-1.9 at 16 (bench_ingest.py --configs).
     add_batch_size: int = Field(64, ge=1, le=256, description="streamed images encoded per encoder call")
     auth_tokens_file: Path | None = Field(None, description="bearer tokens (one per line) required on writes")
     auth_reads: bool = Field(False, description="also require a token on searches and reads")
