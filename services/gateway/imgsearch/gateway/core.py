@@ -797,7 +797,7 @@ class _AddPipeline:
         self.batch_size = gateway.settings.add_batch_size
         self.batch_bytes = ADD_BATCH_MAX_BYTES
         self.slots = asyncio.Semaphore(ADD_PIPELINE_DEPTH)
-        # Image bytes received and not yet in a batch, and a signal each time the batcher takes one.
+        # Image bytes received and not yet in a batch, and a signal each time the batcher takes an image.
         self.inbox_bytes = 0
         self.inbox_taken = asyncio.Event()
         # Finished batches' results, or an exception that ends the call, or _END.
@@ -825,10 +825,9 @@ class _AddPipeline:
 
     async def _feed(self, stream: AsyncIterator[NewImage]) -> None:
         """Receive images, cut them into batches and start each batch's task; then wait for all of them."""
-        # Received images not yet in a batch: at most one batch's worth (room), plus the end marker.
+        # Received images not yet in a batch: at most about one batch's worth (see _receive), plus the end marker.
         inbox: asyncio.Queue[NewImage | object] = asyncio.Queue()
-        room = asyncio.Semaphore(self.batch_size)
-        receiver = asyncio.create_task(self._receive(stream, inbox, room))
+        receiver = asyncio.create_task(self._receive(stream, inbox))
         previous: asyncio.Task[None] | None = None
         try:
             ended = False
@@ -851,7 +850,6 @@ class _AddPipeline:
                         if item is _END:
                             ended = True
                             break
-                        room.release()
                         assert isinstance(item, NewImage)
                         self.inbox_bytes -= len(item.data)
                         self.inbox_taken.set()
@@ -883,17 +881,14 @@ class _AddPipeline:
             # Wait for it (its error, if any, was raised above or no longer matters).
             await asyncio.gather(receiver, return_exceptions=True)
 
-    async def _receive(
-        self, stream: AsyncIterator[NewImage], inbox: asyncio.Queue[NewImage | object], room: asyncio.Semaphore
-    ) -> None:
+    async def _receive(self, stream: AsyncIterator[NewImage], inbox: asyncio.Queue[NewImage | object]) -> None:
         try:
             async for image in stream:
                 inbox.put_nowait(image)
                 self.inbox_bytes += len(image.data)
                 # Stop reading (gRPC flow control then slows the sender) while a batch's worth is waiting, in
-                # images or in bytes.
-                await room.acquire()
-                while self.inbox_bytes >= self.batch_bytes:
+                # images (more than a batch, counting this one) or in bytes.
+                while inbox.qsize() > self.batch_size or self.inbox_bytes >= self.batch_bytes:
                     self.inbox_taken.clear()
                     await self.inbox_taken.wait()
         finally:
