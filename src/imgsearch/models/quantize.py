@@ -214,6 +214,15 @@ def quantize_image_model(
     }
 
 
+def _consumers(graph: Any) -> dict[str, list[Any]]:
+    """The nodes that read each tensor of an ONNX graph, by tensor name."""
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return consumers
+
+
 def feed_pixels_directly(model: Any) -> bool:
     """Make the uint8 pixels the first convolution's quantised input, without the float round trip.
 
@@ -231,10 +240,7 @@ def feed_pixels_directly(model: Any) -> bool:
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = _consumers(graph)
 
     def only(name: str, op: str) -> Any:
         found = consumers.get(name, [])
@@ -303,10 +309,7 @@ def per_token_activations(model: Any) -> int:
     from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
-    consumers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = _consumers(graph)
     graph.initializer.extend(
         [
             numpy_helper.from_array(np.array(1e-8, np.float32), "per_token_eps"),
